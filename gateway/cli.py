@@ -1,0 +1,68 @@
+"""The `dora-gateway` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from adapters import paths
+from adapters.base_checkpoint import BaseCheckpoint
+from adapters.default_model import prepare_default_model
+from adapters.errors import DoraGatewayError
+from adapters.merge import merge_adapter
+from adapters.store import CompiledStore
+
+
+def _prepare_model(args: argparse.Namespace) -> None:
+    print(prepare_default_model(args.out or paths.default_model_dir()))
+
+
+def _compile(args: argparse.Namespace) -> None:
+    started = time.perf_counter()
+    store = CompiledStore(args.out or paths.compiled_store_dir())
+    entry = store.compile(args.adapter, BaseCheckpoint(args.base))
+    outcome = "cache hit" if entry.cache_hit else "compiled"
+    print(f"{outcome} in {time.perf_counter() - started:.2f}s", file=sys.stderr)
+    print(entry.path)
+
+
+def _merge(args: argparse.Namespace) -> None:
+    print(merge_adapter(args.adapter, args.base, args.out))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dora-gateway", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    prepare = commands.add_parser("prepare-model", help="fetch and convert the default model")
+    prepare.add_argument("--out", type=Path, help=f"default: {paths.default_model_dir()}")
+    prepare.set_defaults(run=_prepare_model)
+
+    compile_ = commands.add_parser("compile", help="precompute an adapter's s and B~")
+    compile_.add_argument("adapter", type=Path, help="PEFT adapter directory")
+    compile_.add_argument("--base", type=Path, required=True, help="base model directory")
+    compile_.add_argument("--out", type=Path, help=f"store; default: {paths.compiled_store_dir()}")
+    compile_.set_defaults(run=_compile)
+
+    merge = commands.add_parser("merge", help="write base + adapter as one model directory")
+    merge.add_argument("adapter", type=Path, help="PEFT adapter directory")
+    merge.add_argument("--base", type=Path, required=True, help="base model directory")
+    merge.add_argument("--out", type=Path, required=True, help="new model directory")
+    merge.set_defaults(run=_merge)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except DoraGatewayError as exc:
+        print(f"dora-gateway {args.command}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Tiny random base models and random PEFT adapters, the independent reference in tests.
+
+PEFT initialises B = 0 and m = ||W0|| (so s = 1), which would hide every DoRA bug; the
+factories perturb B and m so that every term of the math is exercised.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedModel
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_llama(directory: Path, *, bias: bool = False, dtype: torch.dtype = torch.float32,
+               hidden_size: int = 64, seed: int = 0) -> Path:
+    """A 2-layer random Llama (GQA), optionally with biases on every linear layer."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=128, hidden_size=hidden_size, intermediate_size=96,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         attention_bias=bias, mlp_bias=bias, tie_word_embeddings=False)
+    model = AutoModelForCausalLM.from_config(config).to(dtype)
+    model.save_pretrained(directory)
+    return directory
+
+
+def tiny_gpt2(directory: Path, seed: int = 0) -> Path:
+    """A 2-layer random GPT-2: Conv1D layers stored [in, out] (fan_in_fan_out), with biases."""
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=128, n_positions=64, n_embd=64, n_layer=2, n_head=4,
+                        bos_token_id=0, eos_token_id=0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    return directory
+
+
+def random_adapter(base_dir: Path, out_dir: Path, *, seed: int = 1, **lora_kwargs) -> Path:
+    """Save a PEFT adapter for `base_dir` with non-trivial random B and magnitude."""
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(**lora_kwargs))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+            elif "lora_magnitude_vector" in name:
+                noise = torch.rand(parameter.shape, generator=generator) * 0.4 + 0.8
+                parameter.mul_(noise)
+    peft_model.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+def load_peft(base_dir: Path, adapter_dir: Path) -> PeftModel:
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    return PeftModel.from_pretrained(model, adapter_dir).eval()
+
+
+def load_base(base_dir: Path) -> PreTrainedModel:
+    return AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
