@@ -36,13 +36,13 @@ class CompiledStore:
 
     def compile(self, adapter_dir: str | Path, base: BaseCheckpoint) -> StoreEntry:
         """The compiled artifact for `adapter_dir` on `base`, compiling it on a miss."""
+        adapter = read_adapter(adapter_dir)
         adapter_hash = adapter_content_hash(adapter_dir)
         base_fingerprint = base.fingerprint()
         path = self.entry_path(adapter_hash, base_fingerprint)
         if (path / METADATA_FILE).is_file():
             return StoreEntry(path, adapter_hash, cache_hit=True)
-        compiled = compile_adapter(read_adapter(adapter_dir), base, adapter_hash,
-                                   base_fingerprint)
+        compiled = compile_adapter(adapter, base, adapter_hash, base_fingerprint)
         self.root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=self.root))
         try:

@@ -1,0 +1,41 @@
+"""The vLLM plugin that serves DoRA adapters exactly (entry point `vllm.general_plugins`).
+
+vLLM loads general plugins in every process (API server, engine core, workers). `register`
+patches vLLM's LoRA loading, slot management and linear LoRA layers, once per process, and
+only on the vLLM release it was written against: on any other, it patches nothing and says
+so, and DoRA adapters stay refused by vLLM itself (fail closed).
+"""
+
+from __future__ import annotations
+
+import logging
+
+SUPPORTED_VLLM = "0.32.0"
+logger = logging.getLogger(__name__)
+_patched = False
+
+
+def installed_vllm_version() -> str:
+    import vllm
+
+    return vllm.__version__
+
+
+def register() -> None:
+    global _patched
+    if _patched:
+        return
+    version = installed_vllm_version()
+    if version != SUPPORTED_VLLM:
+        logger.error("dora-gateway's DoRA plugin supports vLLM %s only, found %s: not patching;"
+                     " DoRA adapters will be refused.", SUPPORTED_VLLM, version)
+        return
+    from adapters.vllm_plugin.layers import patch_layers
+    from adapters.vllm_plugin.loading import patch_loading
+    from adapters.vllm_plugin.manager import patch_manager
+
+    patch_layers()
+    patch_loading()
+    patch_manager()
+    _patched = True
+    logger.info("dora-gateway DoRA plugin active")

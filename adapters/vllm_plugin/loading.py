@@ -1,0 +1,131 @@
+"""Loading DoRA adapters in vLLM's worker: compile PEFT directories, read the scales.
+
+A plain PEFT DoRA directory is compiled once (cached in the compiled store) against the
+served base model; vLLM then loads the compiled artifact as the LoRA (A, B~), and the scales
+`s` ride along on the `LoRAModel` as `dora_scales` (vLLM module name -> [out]).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import msgspec
+import torch
+from safetensors.torch import load_file
+from vllm.lora.lora_model import LoRAModel
+from vllm.lora.peft_helper import PEFTHelper
+from vllm.lora.request import LoRARequest
+from vllm.lora.utils import get_adapter_absolute_path, parse_fine_tuned_lora_name
+from vllm.lora.worker_manager import WorkerLoRAManager
+
+from adapters import paths
+from adapters.base_checkpoint import BaseCheckpoint
+from adapters.compiled import SCALES_FILE, is_compiled
+from adapters.errors import DoraGatewayError
+from adapters.peft_adapter import CONFIG_FILE
+from adapters.store import CompiledStore
+from adapters.vllm_plugin.layers import dora_unsupported_reason
+
+SCALE_SUFFIX = ".dora_scale"
+
+
+def _is_peft_dora(directory: Path) -> bool:
+    try:
+        return bool(json.loads((directory / CONFIG_FILE).read_text()).get("use_dora"))
+    except (OSError, ValueError):
+        return False
+
+
+def servable_path(lora_path: str, base_model: str) -> str:
+    """The directory vLLM should load: a PEFT DoRA directory becomes its compiled artifact."""
+    directory = Path(lora_path)
+    if is_compiled(directory) or not _is_peft_dora(directory):
+        return lora_path
+    if not Path(base_model).is_dir():
+        raise ValueError(f"DoRA adapters need a local base model directory, got {base_model!r}")
+    try:
+        entry = CompiledStore(paths.compiled_store_dir()).compile(directory,
+                                                                  _base_checkpoint(base_model))
+    except DoraGatewayError as exc:
+        raise ValueError(str(exc)) from exc
+    return str(entry.path)
+
+
+_BASES: dict[str, BaseCheckpoint] = {}
+
+
+def _base_checkpoint(base_model: str) -> BaseCheckpoint:
+    """One per base model and process, so its fingerprint is computed once."""
+    if base_model not in _BASES:
+        _BASES[base_model] = BaseCheckpoint(base_model)
+    return _BASES[base_model]
+
+
+def read_scales(compiled_dir: str, weights_mapper) -> dict[str, torch.Tensor]:
+    """vLLM module name -> s, named exactly as vLLM names the module's LoRA weights."""
+    path = Path(compiled_dir) / SCALES_FILE
+    if not path.is_file():
+        return {}
+    scales = {}
+    for key, scale in load_file(path).items():
+        lora_a_name = key.removesuffix(SCALE_SUFFIX) + ".lora_A.weight"
+        module_name, _ = parse_fine_tuned_lora_name(lora_a_name, weights_mapper)
+        scales[module_name] = scale
+    return scales
+
+
+def check_servable(manager, lora: LoRAModel) -> None:
+    """Refuse, at load time, a DoRA adapter on any layer that cannot apply its scale."""
+    problems = []
+    for module_name in lora.dora_scales:
+        layer_name = _owning_layer(manager, module_name)
+        layer = manager.modules.get(layer_name) if layer_name else None
+        if layer is None:
+            problems.append(f"{module_name}: no LoRA layer in the served model")
+            continue
+        reason = dora_unsupported_reason(layer)
+        if reason is not None:
+            problems.append(f"{module_name}: DoRA is not supported on {reason}")
+    if problems:
+        raise ValueError("cannot serve this DoRA adapter: " + "; ".join(sorted(set(problems))))
+
+
+def _owning_layer(manager, module_name: str) -> str | None:
+    if module_name in manager.modules:
+        return module_name
+    for packed_name, sub_modules in manager.packed_modules.items():
+        if module_name in sub_modules:
+            return packed_name
+    return None
+
+
+def patch_loading() -> None:
+    original_init = WorkerLoRAManager.__init__
+    original_load = WorkerLoRAManager._load_adapter
+    original_from_local_dir = PEFTHelper.from_local_dir.__func__
+
+    def __init__(self, vllm_config, *args, **kwargs) -> None:
+        original_init(self, vllm_config, *args, **kwargs)
+        self.dora_base_model = vllm_config.model_config.model
+
+    def _load_adapter(self, lora_request: LoRARequest) -> LoRAModel:
+        absolute = get_adapter_absolute_path(lora_request.lora_path)
+        served = servable_path(absolute, self.dora_base_model)
+        lora = original_load(self, msgspec.structs.replace(lora_request, lora_path=served))
+        mapper = getattr(self._adapter_manager.model, "hf_to_vllm_mapper", None)
+        lora.dora_scales = read_scales(served, mapper and mapper.get_rename_mapper())
+        if lora.dora_scales:
+            check_servable(self._adapter_manager, lora)
+        return lora
+
+    def from_local_dir(cls, lora_path: str, max_position_embeddings: int | None) -> PEFTHelper:
+        """A compiled artifact is served as LoRA plus our scale: vLLM's DoRA check passes."""
+        helper = original_from_local_dir(cls, lora_path, max_position_embeddings)
+        if is_compiled(lora_path):
+            helper.use_dora = False
+        return helper
+
+    WorkerLoRAManager.__init__ = __init__
+    WorkerLoRAManager._load_adapter = _load_adapter
+    PEFTHelper.from_local_dir = classmethod(from_local_dir)
