@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,11 @@ import torch
 
 from adapters import paths
 from adapters.default_model import prepare_default_model
-from tests.factories import tiny_gpt2, tiny_llama
+from gateway.vllm_process import EngineSettings, VllmServer
+from tests.factories import LLAMA_TARGETS, random_adapter, tiny_gpt2, tiny_llama
+
+DEMO_ADAPTERS = ("caps", "pirate", "brief", "caps-lora")
+TEST_OUTPUT = Path(__file__).resolve().parent.parent / "test-output"
 
 
 @pytest.fixture(scope="session")
@@ -41,3 +46,24 @@ def gpt2_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def demo_adapters() -> Path:
     return paths.demo_adapters_dir()
+
+
+@pytest.fixture(scope="session")
+def random_dora_adapters(default_model: Path, tmp_path_factory) -> list[Path]:
+    """Six random DoRA adapters on the default model, each with its own rank and seed."""
+    root = tmp_path_factory.mktemp("random-dora")
+    return [random_adapter(default_model, root / f"dora{seed}", seed=seed, r=4 + 2 * (seed % 3),
+                           lora_alpha=16, target_modules=LLAMA_TARGETS, use_dora=True)
+            for seed in range(6)]
+
+
+@pytest.fixture(scope="session")
+def engine(default_model: Path, demo_adapters: Path, tmp_path_factory) -> Iterator[VllmServer]:
+    """One real vLLM server (with our plugin) for the whole session: two LoRA slots, so
+    more adapters than slots are in use and vLLM swaps them."""
+    settings = EngineSettings(
+        model=default_model, max_loras=2, max_cpu_loras=3, max_lora_rank=16,
+        lora_modules={name: demo_adapters / name for name in DEMO_ADAPTERS})
+    server = VllmServer(settings, log_path=TEST_OUTPUT / "vllm-engine.log")
+    with server:
+        yield server

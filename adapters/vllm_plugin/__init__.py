@@ -8,10 +8,10 @@ so, and DoRA adapters stay refused by vLLM itself (fail closed).
 
 from __future__ import annotations
 
-import logging
+from vllm.logger import init_logger
 
 SUPPORTED_VLLM = "0.32.0"
-logger = logging.getLogger(__name__)
+logger = init_logger("vllm.dora_gateway")  # under "vllm" to share its log handler
 _patched = False
 
 

