@@ -35,6 +35,7 @@ class EngineSettings:
     max_cpu_loras: int | None = None
     lora_modules: dict[str, Path] = field(default_factory=dict)
     extra_args: list[str] = field(default_factory=list)
+    extra_env: dict[str, str] = field(default_factory=dict)
     kv_cache_gib: int = 1
 
 
@@ -71,7 +72,8 @@ class VllmServer:
 
     def start(self) -> None:
         env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
-               "VLLM_CPU_KVCACHE_SPACE": str(self.settings.kv_cache_gib)}
+               "VLLM_CPU_KVCACHE_SPACE": str(self.settings.kv_cache_gib),
+               **self.settings.extra_env}
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,

@@ -6,6 +6,7 @@ factories perturb B and m so that every term of the math is exercised.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -59,3 +60,26 @@ def load_peft(base_dir: Path, adapter_dir: Path) -> PeftModel:
 
 def load_base(base_dir: Path) -> PreTrainedModel:
     return AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+
+
+def tiny_llama_for_vllm(directory: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
+    """A 2-layer random Llama with biases everywhere that vLLM's CPU backend can run
+    (head_dim 64) with tensor parallelism 2, borrowing the default model's tokenizer.
+
+    Larger-than-default initialisation keeps its next-token distributions far from uniform,
+    so that an adapter's effect on logprobs is large against the test tolerance.
+    """
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=49152, hidden_size=256, intermediate_size=512,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         attention_bias=True, mlp_bias=True, tie_word_embeddings=False,
+                         max_position_embeddings=512, initializer_range=0.15)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias"):
+                parameter.normal_(0, 0.1)
+    model.save_pretrained(directory)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(tokenizer_dir / name, directory / name)
+    return directory
