@@ -1,7 +1,7 @@
 """Benchmark: how long compiling an adapter takes (cold, and as a cache hit).
 
-    python benchmarks/compile_time.py demo            # the demo adapters on the default model
-    python benchmarks/compile_time.py llama3-8b DIR   # a synthetic Llama-3-8B base + r=16 DoRA
+    python -m benchmarks.compile_time demo            # the demo adapters on the default model
+    python -m benchmarks.compile_time llama3-8b DIR   # a synthetic Llama-3-8B base + r=16 DoRA
 
 The Llama-3-8B case writes a bf16 checkpoint of the 32 layers' linear weights (~14 GB: only
 what compile reads; embeddings, norms and lm_head are left out) to DIR, and deletes it after.

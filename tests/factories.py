@@ -6,12 +6,20 @@ factories perturb B and m so that every term of the math is exercised.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedModel
+from safetensors.torch import save_file
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    LlamaConfig,
+    MixtralConfig,
+    PreTrainedModel,
+)
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -82,4 +90,37 @@ def tiny_llama_for_vllm(directory: Path, tokenizer_dir: Path, seed: int = 0) -> 
     model.save_pretrained(directory)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         shutil.copy(tokenizer_dir / name, directory / name)
+    return directory
+
+
+def tiny_mixtral_for_vllm(directory: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
+    """A 2-layer random Mixtral (4 experts), saved with per-expert `w1/w2/w3` weights."""
+    torch.manual_seed(seed)
+    config = MixtralConfig(vocab_size=49152, hidden_size=256, intermediate_size=256,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           num_local_experts=4, num_experts_per_tok=2,
+                           tie_word_embeddings=False, max_position_embeddings=512)
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(tokenizer_dir / name, directory / name)
+    return directory
+
+
+def expert_dora_adapter(directory: Path, experts: int = 4, size: int = 256, rank: int = 4,
+                        ) -> Path:
+    """A PEFT-format DoRA adapter on layer 0's MoE experts (the per-expert Linear layout of
+    older transformers), written directly: current PEFT targets fused experts differently."""
+    generator = torch.Generator().manual_seed(0)
+    tensors = {}
+    for expert in range(experts):
+        for weight in ("w1", "w2", "w3"):
+            key = f"base_model.model.model.layers.0.block_sparse_moe.experts.{expert}.{weight}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, size, generator=generator)
+            tensors[f"{key}.lora_B.weight"] = torch.randn(size, rank, generator=generator)
+            tensors[f"{key}.lora_magnitude_vector"] = torch.rand(size, generator=generator) + 1
+    directory.mkdir(parents=True)
+    save_file(tensors, directory / "adapter_model.safetensors")
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "use_dora": True,
+              "target_modules": ["w1", "w2", "w3"]}
+    (directory / "adapter_config.json").write_text(json.dumps(config))
     return directory

@@ -77,18 +77,23 @@ def read_scales(compiled_dir: str, weights_mapper) -> dict[str, torch.Tensor]:
 
 def check_servable(manager, lora: LoRAModel) -> None:
     """Refuse, at load time, a DoRA adapter on any layer that cannot apply its scale."""
-    problems = []
-    for module_name in lora.dora_scales:
+    modules_by_reason: dict[str, list[str]] = {}
+    for module_name in sorted(lora.dora_scales):
         layer_name = _owning_layer(manager, module_name)
         layer = manager.modules.get(layer_name) if layer_name else None
-        if layer is None:
-            problems.append(f"{module_name}: no LoRA layer in the served model")
-            continue
-        reason = dora_unsupported_reason(layer)
+        reason = ("no LoRA layer of the served model holds it" if layer is None
+                  else dora_unsupported_reason(layer))
         if reason is not None:
-            problems.append(f"{module_name}: DoRA is not supported on {reason}")
-    if problems:
-        raise ValueError("cannot serve this DoRA adapter: " + "; ".join(sorted(set(problems))))
+            modules_by_reason.setdefault(reason, []).append(module_name)
+    if modules_by_reason:
+        raise ValueError("cannot serve this DoRA adapter: " + "; ".join(
+            f"DoRA is not supported on {reason}: {_summarise(modules)}"
+            for reason, modules in modules_by_reason.items()))
+
+
+def _summarise(modules: list[str], shown: int = 3) -> str:
+    more = f" and {len(modules) - shown} more" if len(modules) > shown else ""
+    return ", ".join(modules[:shown]) + more
 
 
 def _owning_layer(manager, module_name: str) -> str | None:
