@@ -13,6 +13,8 @@ from adapters.default_model import prepare_default_model
 from adapters.errors import DoraGatewayError
 from adapters.merge import merge_adapter
 from adapters.store import CompiledStore
+from gateway.config import load_config
+from gateway.serve import serve
 
 
 def _prepare_model(args: argparse.Namespace) -> None:
@@ -30,6 +32,10 @@ def _compile(args: argparse.Namespace) -> None:
 
 def _merge(args: argparse.Namespace) -> None:
     print(merge_adapter(args.adapter, args.base, args.out))
+
+
+def _serve(args: argparse.Namespace) -> None:
+    serve(load_config(args.config))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--base", type=Path, required=True, help="base model directory")
     merge.add_argument("--out", type=Path, required=True, help="new model directory")
     merge.set_defaults(run=_merge)
+
+    serve = commands.add_parser("serve", help="run the OpenAI-compatible gateway")
+    serve.add_argument("--config", type=Path, required=True, help="gateway TOML file")
+    serve.set_defaults(run=_serve)
     return parser
 
 

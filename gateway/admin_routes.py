@@ -1,0 +1,90 @@
+"""The admin API: list, add (from a path under a root, or by upload) and remove adapters.
+
+Every route authenticates before it reads the body, so callers without an admin key learn
+nothing about the API beyond a 401.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from fastapi import APIRouter
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from gateway.access import Access
+from gateway.backend import Backend, BackendPool
+from gateway.errors import Conflict
+from gateway.registry import AdapterEntry, AdapterRegistry, check_name
+from gateway.uploads import MAX_PARTS, store_upload, upload_parts
+
+ADAPTERS_PATH = "/admin/adapters"
+
+
+def is_upload_path(path: str) -> bool:
+    return path.startswith(ADAPTERS_PATH + "/") and path.endswith("/upload")
+
+
+class AddAdapter(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    path: str
+
+
+def admin_router(access: Access, registry: AdapterRegistry, pool: BackendPool,
+                 adapters_dir: Path, *, eager: bool) -> APIRouter:
+    router = APIRouter()
+
+    def load_on() -> list[Backend]:
+        """With eager loading, a new adapter must also load on every healthy backend."""
+        return pool.healthy() if eager else []
+
+    def describe(entry: AdapterEntry) -> dict:
+        return {"name": entry.name, "is_dora": entry.is_dora, "hash": entry.content_hash,
+                "internal_name": entry.internal_name, "source": str(entry.source),
+                "compile_seconds": entry.compile_seconds, "created": entry.created,
+                "loaded_backends": registry.loaded_on(entry)}
+
+    @router.get(ADAPTERS_PATH)
+    async def list_adapters(request: Request) -> JSONResponse:
+        access.admin(request)
+        return JSONResponse({"object": "list",
+                             "data": [describe(entry) for entry in registry.entries()]})
+
+    @router.post(ADAPTERS_PATH)
+    async def add_adapter(request: Request) -> JSONResponse:
+        access.admin(request)
+        try:
+            spec = AddAdapter.model_validate_json(await request.body())
+        except ValidationError as exc:
+            raise RequestValidationError(exc.errors(include_url=False)) from exc
+        entry = await registry.add(spec.name, spec.path, load_on=load_on())
+        return JSONResponse(describe(entry), status_code=201)
+
+    @router.post(ADAPTERS_PATH + "/{name}/upload")
+    async def upload_adapter(name: str, request: Request) -> JSONResponse:
+        access.admin(request)
+        check_name(name)
+        if registry.get(name) is not None:
+            raise Conflict(f"An adapter named '{name}' already exists", code="adapter_exists")
+        async with request.form(max_files=MAX_PARTS, max_fields=MAX_PARTS) as form:
+            target = adapters_dir / name
+            await store_upload(upload_parts(form), target)
+        try:
+            entry = await registry.add(name, target, load_on=load_on())
+        except BaseException:
+            shutil.rmtree(target, ignore_errors=True)
+            raise
+        return JSONResponse(describe(entry), status_code=201)
+
+    @router.delete(ADAPTERS_PATH + "/{name}")
+    async def remove_adapter(name: str, request: Request) -> Response:
+        access.admin(request)
+        await registry.remove(name)
+        return Response(status_code=204)
+
+    return router

@@ -1,0 +1,56 @@
+"""The gateway's ASGI app: OpenAI routes, the admin API and `/health`, nothing else.
+
+FastAPI's docs and schema routes are off, and no route forwards to vLLM other than the two
+completion routes, so none of vLLM's own routes is reachable through the gateway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from gateway.access import Access
+from gateway.admin_routes import admin_router, is_upload_path
+from gateway.backend import BackendPool
+from gateway.body_limit import BodyLimitMiddleware
+from gateway.config import GatewayConfig
+from gateway.error_handlers import install_error_handlers
+from gateway.health import health_router, load_eagerly, watch
+from gateway.openai_routes import openai_router
+from gateway.registry import AdapterRegistry
+
+
+def create_app(config: GatewayConfig, registry: AdapterRegistry, backends: BackendPool) -> FastAPI:
+    """The app over an already-filled registry; the caller owns (and closes) `backends`."""
+    eager = config.adapters.eager
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await backends.check_health()
+        if eager:
+            await load_eagerly(registry, backends.healthy())
+        watcher = asyncio.create_task(watch(backends, registry, eager=eager))
+        try:
+            yield
+        finally:
+            watcher.cancel()
+
+    app = FastAPI(title="dora-gateway", docs_url=None, redoc_url=None, openapi_url=None,
+                  lifespan=lifespan)
+    access = Access(config)
+    app.include_router(openai_router(access, registry, backends))
+    app.include_router(admin_router(access, registry, backends, config.adapters.dir,
+                                    eager=eager))
+    app.include_router(health_router(backends))
+    install_error_handlers(app)
+
+    def body_limit(path: str) -> int:
+        if is_upload_path(path):
+            return config.adapters.max_upload_bytes
+        return config.server.max_body_bytes
+
+    app.add_middleware(BodyLimitMiddleware, limit_for=body_limit)
+    return app

@@ -1,0 +1,270 @@
+"""The gateway's configuration: one TOML file, checked completely before anything starts.
+
+Every problem in the file is collected into one `ConfigError`, so an operator fixes them all
+in one go. Relative paths are relative to the config file, so a config is portable with the
+directory it sits in. API keys are reduced to sha256 digests here; plain keys never outlive
+loading.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import httpx
+
+from adapters import paths
+from adapters.errors import DoraGatewayError
+from gateway.key_specs import parse_key, parse_secret
+from gateway.tenancy import ALL_ADAPTERS, Tenant, valid_name
+
+SECTIONS = {"model", "server", "engine", "adapters", "admin", "tenants"}
+DTYPES = {"auto", "half", "float16", "bfloat16", "float", "float32"}
+DEFAULT_MAX_CONCURRENCY = 4
+DEFAULT_MAX_TOKENS = 1024
+T = TypeVar("T")
+
+
+class ConfigError(DoraGatewayError):
+    def __init__(self, source: Path, problems: list[str]) -> None:
+        self.source = source
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {problem}" for problem in self.problems)
+        super().__init__(f"config {source} is not usable:\n{lines}")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_body_bytes: int = 1 << 20
+    cache_salt_secret: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    dtype: str = "float32"
+    max_loras: int = 4
+    max_lora_rank: int = 16
+    extra_args: tuple[str, ...] = ()
+    backends: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class AdaptersConfig:
+    dir: Path
+    roots: tuple[Path, ...]
+    eager: bool = False
+    max_upload_bytes: int = 512 << 20
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    source: Path
+    model_path: Path
+    server: ServerConfig
+    engine: EngineConfig
+    adapters: AdaptersConfig
+    admin_key_digests: tuple[bytes, ...] = field(repr=False)
+    tenants: tuple[Tenant, ...]
+
+
+def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> GatewayConfig:
+    source = Path(path).absolute()
+    try:
+        data = tomllib.loads(source.read_text())
+    except OSError as exc:
+        raise ConfigError(source, [f"cannot read the file: {exc.strerror or exc}"]) from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(source, [f"not valid TOML: {exc}"]) from exc
+    reader = _Reader(source.parent, os.environ if environ is None else environ)
+    config = reader.config(data, source)
+    if reader.problems:
+        raise ConfigError(source, reader.problems)
+    return config
+
+
+class _Reader:
+    """Reads tables, recording a problem (and using the default) for each bad value."""
+
+    def __init__(self, base_dir: Path, environ: Mapping[str, str]) -> None:
+        self.base_dir = base_dir
+        self.environ = environ
+        self.problems: list[str] = []
+        self._key_owners: dict[bytes, str] = {}
+
+    def config(self, data: dict, source: Path) -> GatewayConfig:
+        self._known(data, SECTIONS, "the file")
+        model = self.table(data, "model", {"path"})
+        server = self.table(data, "server", {"host", "port", "max_body_bytes",
+                                             "cache_salt_secret"})
+        engine = self.table(data, "engine", {"dtype", "max_loras", "max_lora_rank",
+                                             "extra_args", "backends"})
+        adapters = self.table(data, "adapters", {"dir", "roots", "eager", "max_upload_bytes"})
+        admin = self.table(data, "admin", {"api_keys"})
+        return GatewayConfig(
+            source=source,
+            model_path=self.path(model, "model", "path", paths.default_model_dir()),
+            server=self.server(server),
+            engine=self.engine(engine),
+            adapters=self.adapters(adapters),
+            admin_key_digests=self.keys(admin, "admin", "admin", required=False),
+            tenants=self.tenants(data.get("tenants", {})),
+        )
+
+    def server(self, table: dict) -> ServerConfig:
+        defaults = ServerConfig()
+        secret = self.value(table, "server", "cache_salt_secret", str, None)
+        return ServerConfig(
+            host=self.value(table, "server", "host", str, defaults.host),
+            port=self.integer(table, "server", "port", defaults.port, maximum=65535),
+            max_body_bytes=self.integer(table, "server", "max_body_bytes",
+                                        defaults.max_body_bytes),
+            cache_salt_secret=(self.secret(secret, "server.cache_salt_secret") if secret
+                               else defaults.cache_salt_secret),
+        )
+
+    def engine(self, table: dict) -> EngineConfig:
+        defaults = EngineConfig()
+        dtype = self.value(table, "engine", "dtype", str, defaults.dtype)
+        if dtype not in DTYPES:
+            self.problems.append(f"engine.dtype: {dtype!r} is not one of {sorted(DTYPES)}")
+        backends = self.strings(table, "engine", "backends")
+        for url in backends:
+            if not _is_http_url(url):
+                self.problems.append(f"engine.backends: {url!r} is not an http(s) URL")
+        return EngineConfig(
+            dtype=dtype,
+            max_loras=self.integer(table, "engine", "max_loras", defaults.max_loras),
+            max_lora_rank=self.integer(table, "engine", "max_lora_rank", defaults.max_lora_rank),
+            extra_args=self.strings(table, "engine", "extra_args"),
+            backends=tuple(url.rstrip("/") for url in backends),
+        )
+
+    def adapters(self, table: dict) -> AdaptersConfig:
+        directory = self.path(table, "adapters", "dir", paths.demo_adapters_dir())
+        roots = [directory, *(self.resolve(root) for root in self.strings(table, "adapters",
+                                                                         "roots"))]
+        for root in roots:
+            if not root.is_dir():
+                self.problems.append(f"adapters: {root} is not a directory")
+        return AdaptersConfig(
+            dir=directory,
+            roots=tuple(dict.fromkeys(roots)),
+            eager=self.value(table, "adapters", "eager", bool, False),
+            max_upload_bytes=self.integer(table, "adapters", "max_upload_bytes",
+                                          AdaptersConfig.max_upload_bytes),
+        )
+
+    def tenants(self, tables: object) -> tuple[Tenant, ...]:
+        if not isinstance(tables, dict) or not tables:
+            self.problems.append("tenants: at least one [tenants.NAME] table is required")
+            return ()
+        tenants = []
+        for name in tables:
+            where = f"tenants.{name}"
+            if not valid_name(name):
+                self.problems.append(f"{where}: the name must match {_NAME_RULE}")
+            table = self.table(tables, name, {"api_keys", "adapters", "max_concurrency",
+                                              "max_tokens"}, where=where)
+            adapters = self.strings(table, where, "adapters")
+            for adapter in adapters:
+                if adapter != ALL_ADAPTERS and not valid_name(adapter):
+                    self.problems.append(f"{where}.adapters: {adapter!r} must be \"*\" or "
+                                         f"match {_NAME_RULE}")
+            tenants.append(Tenant(
+                name=name,
+                key_digests=self.keys(table, where, f"tenant {name!r}", required=True),
+                adapters=frozenset(adapters),
+                max_concurrency=self.integer(table, where, "max_concurrency",
+                                             DEFAULT_MAX_CONCURRENCY),
+                max_tokens=self.integer(table, where, "max_tokens", DEFAULT_MAX_TOKENS),
+            ))
+        return tuple(tenants)
+
+    def keys(self, table: dict, where: str, owner: str, *, required: bool) -> tuple[bytes, ...]:
+        specs = self.strings(table, where, "api_keys")
+        if required and not specs:
+            self.problems.append(f"{where}.api_keys: at least one key is required")
+        digests = []
+        for index, spec in enumerate(specs):
+            digest, problem = parse_key(spec, self.environ)
+            if problem:
+                self.problems.append(f"{where}.api_keys[{index}]: {problem}")
+                continue
+            if digest in self._key_owners:
+                self.problems.append(f"{where}.api_keys[{index}]: the same key is already "
+                                     f"given for {self._key_owners[digest]}")
+            self._key_owners[digest] = owner
+            digests.append(digest)
+        return tuple(digests)
+
+    def secret(self, spec: str, where: str) -> bytes:
+        secret, problem = parse_secret(spec, self.environ)
+        if problem:
+            self.problems.append(f"{where}: {problem}")
+        return secret.encode()
+
+    def table(self, data: dict, name: str, allowed: set[str], where: str | None = None) -> dict:
+        where = where or name
+        table = data.get(name, {})
+        if not isinstance(table, dict):
+            self.problems.append(f"{where}: must be a table")
+            return {}
+        self._known(table, allowed, where)
+        return table
+
+    def value(self, table: dict, where: str, key: str, kind: type[T], default: T) -> T:
+        value = table.get(key, default)
+        if value is default:
+            return value
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+            self.problems.append(f"{where}.{key}: must be {_KIND_NAMES[kind]}, "
+                                 f"got {_KIND_NAMES.get(type(value), type(value).__name__)}")
+            return default
+        return value
+
+    def integer(self, table: dict, where: str, key: str, default: int, *, minimum: int = 1,
+                maximum: int | None = None) -> int:
+        value = self.value(table, where, key, int, default)
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"between {minimum} and {maximum}" if maximum else f"at least {minimum}"
+            self.problems.append(f"{where}.{key}: must be {bound}, got {value}")
+            return default
+        return value
+
+    def strings(self, table: dict, where: str, key: str) -> tuple[str, ...]:
+        values = self.value(table, where, key, list, [])
+        if not all(isinstance(value, str) for value in values):
+            self.problems.append(f"{where}.{key}: must be a list of strings")
+            return ()
+        return tuple(values)
+
+    def path(self, table: dict, where: str, key: str, default: Path) -> Path:
+        value = self.value(table, where, key, str, None)
+        return self.resolve(value) if value else default
+
+    def resolve(self, value: str) -> Path:
+        return Path(os.path.abspath(self.base_dir / Path(value).expanduser()))
+
+    def _known(self, table: dict, allowed: set[str], where: str) -> None:
+        for key in sorted(set(table) - allowed):
+            self.problems.append(f"{where}: unknown key {key!r} (known: {sorted(allowed)})")
+
+
+def _is_http_url(url: str) -> bool:
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL:
+        return False
+    return parsed.scheme in ("http", "https") and bool(parsed.host)
+
+
+_NAME_RULE = "[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+_KIND_NAMES = {str: "a string", int: "an integer", bool: "a boolean", list: "a list",
+               float: "a float", dict: "a table"}

@@ -1,0 +1,134 @@
+"""The gateway's HTTP errors, all rendered in OpenAI's error shape.
+
+OpenAI clients (the `openai` SDK among them) pick their exception class from the status
+code and read `error.message` / `error.code` from the body, so every error the gateway
+answers, on `/v1` and elsewhere, is `{"error": {"message", "type", "param", "code"}}`.
+"""
+
+from __future__ import annotations
+
+from starlette.responses import JSONResponse
+
+from adapters.errors import DoraGatewayError
+
+
+class GatewayError(DoraGatewayError):
+    """An error with the HTTP status and OpenAI `type` / `code` / `param` to answer with."""
+
+    status = 500
+    error_type = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, code: str | None = None, param: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code or self.code
+        self.param = param
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return error_body(self.message, self.error_type, code=self.code, param=self.param)
+
+
+class AuthenticationFailed(GatewayError):
+    status = 401
+    error_type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class InvalidRequest(GatewayError):
+    status = 400
+    error_type = "invalid_request_error"
+
+
+class InvalidAdapter(InvalidRequest):
+    """An adapter that failed validation; `problems` lists everything wrong with it."""
+
+    code = "invalid_adapter"
+
+    def __init__(self, message: str, problems: list[str]) -> None:
+        super().__init__(message)
+        self.problems = problems
+
+    def body(self) -> dict:
+        body = super().body()
+        body["error"]["problems"] = self.problems
+        return body
+
+
+class NotFound(InvalidRequest):
+    status = 404
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    """Also answers for adapters a tenant may not use, so names cannot be probed."""
+
+    code = "model_not_found"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"The model '{model}' does not exist", param="model")
+
+
+class MethodNotAllowed(InvalidRequest):
+    status = 405
+    code = "method_not_allowed"
+
+
+class Conflict(InvalidRequest):
+    status = 409
+    code = "conflict"
+
+
+class BodyTooLarge(InvalidRequest):
+    status = 413
+    code = "request_too_large"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"The request body is larger than the limit of {limit} bytes")
+
+
+class RateLimited(GatewayError):
+    """Mirrors OpenAI's own 429 body (type "requests", code "rate_limit_exceeded")."""
+
+    status = 429
+    error_type = "requests"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"Retry-After": "1"})
+
+
+class BackendError(GatewayError):
+    """The backend answered something the gateway could not use (e.g. a failed adapter load)."""
+
+    status = 502
+    code = "backend_error"
+
+
+class BackendTimeout(GatewayError):
+    status = 504
+    code = "backend_timeout"
+
+
+class BackendUnavailable(GatewayError):
+    status = 503
+    code = "backend_unavailable"
+
+    def __init__(self, message: str = "No model backend is available; retry shortly") -> None:
+        super().__init__(message, headers={"Retry-After": "1"})
+
+
+class BackendUnreachable(BackendUnavailable):
+    """The backend could not be connected to, so the request never reached it: another
+    backend may safely be tried."""
+
+
+def error_body(message: str, type_: str, *, code: str | None = None,
+               param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def error_response(error: GatewayError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)

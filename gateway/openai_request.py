@@ -1,0 +1,98 @@
+"""Checking a client's completion request and making the body that goes to vLLM.
+
+The body passes through unchanged except for what the gateway must own: `model` (mapped to
+an internal name), `cache_salt` (per tenant, so prefix-cache timing cannot leak prompts
+across tenants) and `request_id`; plus a token cap where vLLM would otherwise generate up to
+the context length.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from gateway.errors import InvalidRequest, ModelNotFound
+from gateway.registry import BASE_MODEL, AdapterEntry, AdapterRegistry
+from gateway.tenancy import Tenant
+
+MAX_N = 8
+GATEWAY_FIELDS = ("cache_salt", "request_id")
+
+
+@dataclass(frozen=True)
+class Route:
+    path: str
+    token_fields: tuple[str, ...]
+    # vLLM's completions default is 16 tokens; chat has no default (up to the context).
+    unbounded_when_absent: bool
+
+
+CHAT = Route("/v1/chat/completions", ("max_completion_tokens", "max_tokens"), True)
+COMPLETIONS = Route("/v1/completions", ("max_tokens",), False)
+
+
+def parse_body(raw: bytes) -> dict:
+    """A JSON object with a string `model` and a boolean `stream`, if any; NaN and Infinity
+    are not JSON and are refused."""
+    try:
+        body = json.loads(raw, parse_constant=_refuse_constant)
+    except ValueError as exc:
+        raise InvalidRequest(f"We could not parse the JSON body of your request: {exc}",
+                             code="invalid_json") from exc
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object", code="invalid_json")
+    if not isinstance(body.get("model"), str) or not body["model"]:
+        raise InvalidRequest("You must provide a model parameter (a string)", param="model",
+                             code="missing_model")
+    if body.get("stream") not in (None, True, False):
+        # vLLM would read "true" as true; the gateway must agree on whether it relays a stream.
+        raise InvalidRequest("'stream' must be a boolean", param="stream", code="invalid_type")
+    return body
+
+
+def resolve_model(registry: AdapterRegistry, tenant: Tenant, model: str) -> AdapterEntry | None:
+    """The adapter `model` names (None for the base model); an adapter the tenant may not use
+    answers exactly like one that does not exist."""
+    if model == BASE_MODEL:
+        return None
+    entry = registry.get(model) if tenant.may_use(model) else None
+    if entry is None:
+        raise ModelNotFound(model)
+    return entry
+
+
+def check_limits(body: dict, tenant: Tenant, route: Route) -> None:
+    for field in route.token_fields:
+        value = _optional_int(body, field)
+        if value is not None and value > tenant.max_tokens:
+            raise InvalidRequest(f"'{field}' is {value}, above this API key's limit of "
+                                 f"{tenant.max_tokens}", param=field, code="max_tokens_too_large")
+    n = _optional_int(body, "n")
+    if n is not None and n > MAX_N:
+        raise InvalidRequest(f"'n' is {n}, above the limit of {MAX_N}", param="n",
+                             code="n_too_large")
+
+
+def upstream_body(body: dict, route: Route, tenant: Tenant, *, model: str, cache_salt: str,
+                  request_id: str) -> dict:
+    forwarded = {key: value for key, value in body.items() if key not in GATEWAY_FIELDS}
+    forwarded.update(model=model, cache_salt=cache_salt, request_id=request_id)
+    present = [field for field in route.token_fields if field in body]
+    unbounded = all(body[field] is None for field in present) and (
+        bool(present) or route.unbounded_when_absent)
+    if unbounded:
+        forwarded[route.token_fields[0]] = tenant.max_tokens
+    return forwarded
+
+
+def _optional_int(body: dict, field: str) -> int | None:
+    value = body.get(field)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidRequest(f"'{field}' must be an integer", param=field, code="invalid_type")
+    return value
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")

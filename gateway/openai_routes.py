@@ -1,0 +1,83 @@
+"""The OpenAI-compatible routes: the only `/v1` paths reachable through the gateway.
+
+vLLM's other routes (`/v1/load_lora_adapter`, `/tokenize`, ...) are never forwarded.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from fastapi import APIRouter
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from gateway.access import Access
+from gateway.backend import BackendPool
+from gateway.errors import ModelNotFound
+from gateway.openai_request import (
+    CHAT,
+    COMPLETIONS,
+    Route,
+    check_limits,
+    parse_body,
+    resolve_model,
+    upstream_body,
+)
+from gateway.proxy import Target, forward
+from gateway.registry import BASE_MODEL, AdapterRegistry
+from gateway.tenancy import Tenant
+
+OWNER = "dora-gateway"
+
+
+def openai_router(access: Access, registry: AdapterRegistry, pool: BackendPool) -> APIRouter:
+    router = APIRouter()
+    started = int(time.time())
+
+    async def complete(request: Request, route: Route) -> Response:
+        tenant = access.tenant(request)
+        body = parse_body(await request.body())
+        entry = resolve_model(registry, tenant, body["model"])
+        check_limits(body, tenant, route)
+        lease = access.limiters[tenant.name].acquire()
+        request_id = uuid.uuid4().hex
+        forwarded = upstream_body(body, route, tenant,
+                                  model=entry.internal_name if entry else BASE_MODEL,
+                                  cache_salt=access.cache_salts[tenant.name],
+                                  request_id=request_id)
+        target = Target(path=route.path, body=forwarded, entry=entry, client_model=body["model"],
+                        request_id=request_id)
+        return await forward(request, target, pool, registry, lease)
+
+    @router.post(CHAT.path)
+    async def chat_completions(request: Request) -> Response:
+        return await complete(request, CHAT)
+
+    @router.post(COMPLETIONS.path)
+    async def completions(request: Request) -> Response:
+        return await complete(request, COMPLETIONS)
+
+    def model_card(name: str, created: int) -> dict:
+        return {"id": name, "object": "model", "created": created, "owned_by": OWNER}
+
+    def visible_models(tenant: Tenant) -> dict[str, dict]:
+        cards = {BASE_MODEL: model_card(BASE_MODEL, started)}
+        for entry in registry.entries():
+            if tenant.may_use(entry.name):
+                cards[entry.name] = model_card(entry.name, entry.created)
+        return cards
+
+    @router.get("/v1/models")
+    async def list_models(request: Request) -> JSONResponse:
+        cards = visible_models(access.tenant(request))
+        return JSONResponse({"object": "list", "data": list(cards.values())})
+
+    @router.get("/v1/models/{model}")
+    async def retrieve_model(model: str, request: Request) -> JSONResponse:
+        card = visible_models(access.tenant(request)).get(model)
+        if card is None:
+            raise ModelNotFound(model)
+        return JSONResponse(card)
+
+    return router

@@ -1,0 +1,193 @@
+"""Sending a completion request to a backend and relaying the answer, streamed or not.
+
+Only `model` is rewritten on the way back (the internal name becomes the client's name
+again; error messages are scrubbed of it too). Streams are relayed line by line as they
+arrive; however a stream ends on the client side, the upstream response is closed, which
+makes vLLM abort the generation. A non-streaming request whose client disconnects is
+cancelled for the same reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import anyio
+import httpx
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from gateway.backend import Backend, BackendPool
+from gateway.errors import BackendError, BackendUnavailable, BackendUnreachable, error_body
+from gateway.registry import BASE_MODEL, AdapterEntry, AdapterRegistry
+from gateway.tenancy import Lease
+
+CLIENT_CLOSED_REQUEST = 499
+T = TypeVar("T")
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Target:
+    path: str
+    body: dict
+    entry: AdapterEntry | None
+    client_model: str
+    request_id: str
+
+    @property
+    def internal_model(self) -> str:
+        return self.entry.internal_name if self.entry else BASE_MODEL
+
+    def scrub(self, text: str) -> str:
+        return text.replace(self.internal_model, self.client_model)
+
+
+async def forward(request: Request, target: Target, pool: BackendPool,
+                  registry: AdapterRegistry, lease: Lease) -> Response:
+    """Relay `target` to a backend; `lease` is released when the answer is complete."""
+    stream = target.body.get("stream") is True
+    handed_off = False
+    try:
+        opened = await _unless_disconnected(request, _open(target, pool, registry, stream))
+        if opened is None:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        backend, upstream = opened
+        if stream and upstream.status_code == 200:
+            handed_off = True
+            return UpstreamStream(upstream, target, lease, lambda: pool.mark_down(backend))
+        if stream:
+            await _read_whole(upstream)
+        return relay(upstream, target)
+    finally:
+        if not handed_off:
+            lease.release()
+
+
+async def _read_whole(upstream: httpx.Response) -> None:
+    """The body of a streamed request that vLLM refused (a JSON error, not a stream)."""
+    try:
+        await upstream.aread()
+    except httpx.HTTPError as exc:
+        raise BackendError("The model backend failed while answering") from exc
+    finally:
+        await upstream.aclose()
+
+
+async def _open(target: Target, pool: BackendPool, registry: AdapterRegistry,
+                stream: bool) -> tuple[Backend, httpx.Response]:
+    """Send to the next healthy backend, trying the others while one cannot be reached."""
+    for backend in pool.candidates():
+        try:
+            if target.entry is not None:
+                await registry.ensure_loaded(target.entry, backend)
+            response = await pool.send(backend, target.path, target.body,
+                                       {"X-Request-Id": target.request_id}, stream=stream)
+        except BackendUnreachable:
+            continue
+        return backend, response
+    raise BackendUnavailable()
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
+    """`work`'s result, or None (with `work` cancelled) if the client goes away first."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnect(request.receive))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})
+    return None if task.cancelled() else task.result()
+
+
+async def _disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def relay(upstream: httpx.Response, target: Target) -> Response:
+    """vLLM's answer with its status; `model` rewritten, errors scrubbed of internal names."""
+    text = upstream.text
+    if upstream.status_code >= 400:
+        text = target.scrub(text)
+    headers = {"X-Request-Id": target.request_id}
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return Response(text, status_code=upstream.status_code, headers=headers,
+                        media_type=upstream.headers.get("content-type"))
+    if isinstance(data, dict) and "model" in data:
+        data["model"] = target.client_model
+    return Response(_dumps(data), status_code=upstream.status_code, headers=headers,
+                    media_type="application/json")
+
+
+class UpstreamStream(StreamingResponse):
+    """An SSE relay that owns the upstream response and the tenant's concurrency lease."""
+
+    def __init__(self, upstream: httpx.Response, target: Target, lease: Lease,
+                 on_backend_failure: Callable[[], None]) -> None:
+        self._events = _relay_events(upstream, target, on_backend_failure)
+        super().__init__(self._events, media_type="text/event-stream",
+                         headers={"X-Request-Id": target.request_id, "Cache-Control": "no-cache"})
+        self._upstream = upstream
+        self._lease = lease
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._events.aclose()
+                await self._upstream.aclose()
+            self._lease.release()
+
+
+async def _relay_events(upstream: httpx.Response, target: Target,
+                        on_backend_failure: Callable[[], None]) -> AsyncIterator[str]:
+    """vLLM's SSE lines with `model` rewritten; a broken upstream ends the stream with an
+    error event and `[DONE]`, so clients see why it stopped."""
+    finished = False
+    failure = "The model backend closed the stream before it finished"
+    try:
+        async for line in upstream.aiter_lines():
+            if line.startswith("data:"):
+                payload = line[len("data:"):].strip()
+                finished = payload == "[DONE]"
+                line = line if finished else "data: " + _rewrite_chunk(payload, target)
+            yield line + "\n"
+    except httpx.TimeoutException:
+        failure = "The model backend timed out during the stream"
+    except httpx.TransportError as exc:
+        log.warning("stream %s broke: %r", target.request_id, exc)
+        failure = "The model backend failed during the stream"
+        on_backend_failure()
+    if not finished:
+        error = error_body(failure, BackendError.error_type, code=BackendError.code)
+        yield f"\ndata: {_dumps(error)}\n\ndata: [DONE]\n\n"
+
+
+def _rewrite_chunk(payload: str, target: Target) -> str:
+    try:
+        chunk = json.loads(payload)
+    except ValueError:
+        return payload
+    if not isinstance(chunk, dict):
+        return payload
+    if "model" in chunk:
+        chunk["model"] = target.client_model
+    text = _dumps(chunk)
+    return target.scrub(text) if "error" in chunk else text
+
+
+def _dumps(data: object) -> str:
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))

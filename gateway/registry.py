@@ -1,0 +1,158 @@
+"""The adapters the gateway serves: name -> validated, compiled adapter.
+
+An adapter is served under an internal name that carries its content hash, so a replaced
+adapter never reuses vLLM's prefix cache or a stale loaded copy. Adding is all-or-nothing:
+validation and compilation (cached in the content-addressed store) happen before the entry
+appears, and paths must lie under a configured root after resolving symlinks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from adapters.base_checkpoint import BaseCheckpoint
+from adapters.compiled import METADATA_FILE
+from adapters.errors import AdapterError
+from adapters.peft_adapter import CONFIG_FILE
+from adapters.store import CompiledStore
+from gateway.backend import Backend, BackendPool
+from gateway.errors import Conflict, InvalidAdapter, InvalidRequest, ModelNotFound, NotFound
+from gateway.lora_loader import LoraLoader
+from gateway.tenancy import valid_name
+
+BASE_MODEL = "base"
+
+
+@dataclass(frozen=True)
+class AdapterEntry:
+    name: str
+    source: Path
+    content_hash: str
+    compiled_path: Path
+    is_dora: bool
+    compile_seconds: float
+    created: int
+
+    @property
+    def internal_name(self) -> str:
+        return f"{self.name}--{self.content_hash[:16]}"
+
+
+class AdapterRegistry:
+    """`roots[0]` is the adapters directory; relative paths given to `add` resolve there."""
+
+    def __init__(self, base: BaseCheckpoint, store: CompiledStore, roots: Sequence[Path],
+                 pool: BackendPool) -> None:
+        if not roots:
+            raise ValueError("at least one adapter root is needed")
+        self._base = base
+        self._store = store
+        self._roots = [Path(root) for root in roots]
+        self._real_roots = [os.path.realpath(root) for root in roots]
+        self._loader = LoraLoader(pool)
+        self._entries: dict[str, AdapterEntry] = {}
+        self._lock = asyncio.Lock()
+
+    def get(self, name: str) -> AdapterEntry | None:
+        return self._entries.get(name)
+
+    def entries(self) -> list[AdapterEntry]:
+        return sorted(self._entries.values(), key=lambda entry: entry.name)
+
+    def loaded_on(self, entry: AdapterEntry) -> list[str]:
+        return self._loader.loaded_on(entry.internal_name)
+
+    def forget_backend(self, url: str) -> None:
+        """For a backend that restarted: it has none of the adapters it had before."""
+        self._loader.forget_backend(url)
+
+    def confine(self, path: str | Path) -> Path:
+        """The real path of `path` if it lies under a configured root, else a 400.
+
+        A relative `path` is relative to the adapters directory (an absolute one replaces it
+        in the join)."""
+        try:
+            real = os.path.realpath(self._roots[0] / path)
+        except ValueError:
+            real = None
+        if real and any(os.path.commonpath([root, real]) == root for root in self._real_roots):
+            return Path(real)
+        raise InvalidRequest(f"The path '{path}' is not under a configured adapter root",
+                             param="path", code="path_not_allowed")
+
+    async def add(self, name: str, path: str | Path, *,
+                  load_on: Sequence[Backend] = ()) -> AdapterEntry:
+        """Validate and compile the adapter at `path`, load it on `load_on` (eager loading),
+        then serve it as `name`; if any step fails, nothing stays registered or loaded."""
+        check_name(name)
+        source = self.confine(path)
+        async with self._lock:
+            if name in self._entries:
+                raise Conflict(f"An adapter named '{name}' already exists", param="name",
+                               code="adapter_exists")
+            entry = await asyncio.to_thread(self._compile, name, source)
+            self._entries[name] = entry
+            try:
+                for backend in load_on:
+                    await self.ensure_loaded(entry, backend)
+            except BaseException:
+                del self._entries[name]
+                await self._loader.unload_everywhere(entry.internal_name)
+                raise
+        return entry
+
+    async def add_directory(self, directory: Path) -> list[AdapterEntry]:
+        """Every subdirectory holding an adapter config, named after it (hidden ones, such
+        as unfinished uploads, are skipped)."""
+        subdirectories = sorted(path for path in directory.iterdir()
+                                if (path / CONFIG_FILE).is_file()
+                                and not path.name.startswith("."))
+        return [await self.add(path.name, path) for path in subdirectories]
+
+    async def remove(self, name: str) -> AdapterEntry:
+        """Stop serving `name` and free its slot on every backend that loaded it."""
+        async with self._lock:
+            entry = self._entries.pop(name, None)
+            if entry is None:
+                raise NotFound(f"No adapter named '{name}'", param="name",
+                               code="adapter_not_found")
+            await self._loader.unload_everywhere(entry.internal_name)
+        return entry
+
+    async def ensure_loaded(self, entry: AdapterEntry, backend: Backend) -> None:
+        """Load `entry` on `backend` once; 404 if it was removed in the meantime."""
+        loaded = await self._loader.ensure_loaded(
+            entry.internal_name, entry.compiled_path, backend,
+            still_wanted=lambda: self._entries.get(entry.name) is entry)
+        if not loaded:
+            raise ModelNotFound(entry.name)
+
+    async def load_all(self, backend: Backend) -> None:
+        """Eager loading: every adapter onto `backend` now rather than on first use."""
+        for entry in self.entries():
+            await self.ensure_loaded(entry, backend)
+
+    def _compile(self, name: str, source: Path) -> AdapterEntry:
+        started = time.perf_counter()
+        try:
+            stored = self._store.compile(source, self._base)
+        except AdapterError as exc:
+            raise InvalidAdapter(str(exc), exc.problems) from exc
+        metadata = json.loads((stored.path / METADATA_FILE).read_text())
+        return AdapterEntry(name=name, source=source, content_hash=stored.adapter_hash,
+                            compiled_path=stored.path, is_dora=bool(metadata["is_dora"]),
+                            compile_seconds=time.perf_counter() - started,
+                            created=int(time.time()))
+
+
+def check_name(name: str) -> None:
+    if not valid_name(name) or name == BASE_MODEL:
+        raise InvalidRequest(f"Invalid adapter name '{name}': use 1-64 letters, digits, '.', "
+                             f"'_' or '-', starting with a letter or digit, and not "
+                             f"'{BASE_MODEL}'", param="name", code="invalid_adapter_name")

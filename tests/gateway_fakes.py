@@ -1,0 +1,245 @@
+"""A fake vLLM OpenAI server behind `httpx.MockTransport`, and a gateway wired to it.
+
+The fake records every request it gets (path, headers, JSON body), so tests assert on what
+the gateway forwards; it answers the way vLLM 0.32 does for the routes the gateway uses
+(`/health`, runtime LoRA load/unload, chat and text completions, SSE streams).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+from fastapi import FastAPI
+
+from adapters.base_checkpoint import BaseCheckpoint
+from adapters.store import CompiledStore
+from gateway.app import create_app
+from gateway.backend import BackendPool
+from gateway.config import GatewayConfig, load_config
+from gateway.registry import AdapterRegistry
+from tests.factories import LLAMA_TARGETS, random_adapter
+
+ACME_KEY = "sk-acme-0123456789abcdef"
+GLOBEX_KEY = "sk-globex-0123456789abcdef"
+ADMIN_KEY = "sk-admin-0123456789abcdef"
+STREAM_TEXT = ("Hel", "lo", " there")
+
+
+@dataclass
+class Recorded:
+    path: str
+    headers: httpx.Headers
+    body: dict | None
+
+
+class FakeStream(httpx.AsyncByteStream):
+    """SSE bytes in the given chunks, then optionally a transport error or a hang (a
+    generation still running)."""
+
+    def __init__(self, chunks: list[bytes], *, error: Exception | None = None,
+                 hang: bool = False) -> None:
+        self.chunks = chunks
+        self.error = error
+        self.hang = hang
+        self.closed = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for chunk in self.chunks:
+            yield chunk
+        if self.error is not None:
+            raise self.error
+        if self.hang:
+            await asyncio.Event().wait()
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+@dataclass
+class FakeVllm:
+    url: str = "http://vllm-a:8000"
+    down: bool = False
+    stream_error: Exception | None = None
+    hang_streams: bool = False
+    hang_completions: bool = False
+    cancelled: int = 0
+    load_error: str | None = None
+    requests: list[Recorded] = field(default_factory=list)
+    loaded: dict[str, str] = field(default_factory=dict)
+    streams: list[FakeStream] = field(default_factory=list)
+
+    def received(self, path: str) -> list[dict | None]:
+        return [request.body for request in self.requests if request.path == path]
+
+    async def handle(self, request: httpx.Request) -> httpx.Response:
+        if self.down:
+            raise httpx.ConnectError("connection refused", request=request)
+        body = json.loads(request.content) if request.content else None
+        self.requests.append(Recorded(request.url.path, request.headers, body))
+        path = request.url.path
+        if path == "/health":
+            return httpx.Response(200)
+        if path == "/v1/load_lora_adapter":
+            return self._load(body)
+        if path == "/v1/unload_lora_adapter":
+            if self.loaded.pop(body["lora_name"], None) is None:
+                return _vllm_error(404, f"The lora adapter '{body['lora_name']}' cannot be found.")
+            return httpx.Response(200, text="Success")
+        if path in ("/v1/chat/completions", "/v1/completions"):
+            if self.hang_completions and not body.get("stream"):
+                await self._hang()
+            return self._complete(path, body, request.headers["x-request-id"])
+        return _vllm_error(404, "Not Found")
+
+    async def _hang(self) -> None:
+        """A generation that runs until the gateway gives up on it (cancels the request)."""
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+
+    def _load(self, body: dict) -> httpx.Response:
+        if self.load_error is not None:
+            return _vllm_error(500, self.load_error)
+        if body["lora_name"] in self.loaded:
+            return _vllm_error(400, f"The lora adapter '{body['lora_name']}' has already been "
+                                    f"loaded. If you want to load the adapter in place, set "
+                                    f"'load_inplace' to True.")
+        self.loaded[body["lora_name"]] = body["lora_path"]
+        return httpx.Response(200, text="Success")
+
+    def _complete(self, path: str, body: dict, request_id: str) -> httpx.Response:
+        model = body["model"]
+        if model != "base" and model not in self.loaded:
+            return _vllm_error(404, f"The model `{model}` does not exist.")
+        chat = path == "/v1/chat/completions"
+        response_id = f"{'chatcmpl' if chat else 'cmpl'}-{request_id}"
+        if body.get("stream"):
+            chunks = _sse_chunks(response_id, model)
+            if self.stream_error or self.hang_streams:
+                chunks = chunks[:-1]
+            stream = FakeStream(chunks, error=self.stream_error, hang=self.hang_streams)
+            self.streams.append(stream)
+            return httpx.Response(200, headers={"content-type": "text/event-stream"},
+                                  stream=stream)
+        choice = ({"index": 0, "message": {"role": "assistant", "content": "Hello there"},
+                   "finish_reason": "stop"} if chat else
+                  {"index": 0, "text": "Hello there", "finish_reason": "stop"})
+        return httpx.Response(200, json={
+            "id": response_id, "object": "chat.completion" if chat else "text_completion",
+            "created": 1, "model": model, "choices": [choice],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}})
+
+
+async def wait_until(condition: Callable[[], bool], timeout_s: float = 10) -> None:
+    """Poll `condition` while the app runs in other tasks; fail rather than hang."""
+    async with asyncio.timeout(timeout_s):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+def _sse_chunks(response_id: str, model: str) -> list[bytes]:
+    """vLLM-style chunks, with one event split across two reads."""
+    events = b"".join(
+        b"data: " + json.dumps({"id": response_id, "object": "chat.completion.chunk",
+                                "created": 1, "model": model,
+                                "choices": [{"index": 0, "delta": {"content": text}}]}).encode()
+        + b"\n\n" for text in STREAM_TEXT)
+    middle = len(events) // 2
+    return [events[:middle], events[middle:], b"data: [DONE]\n\n"]
+
+
+def _vllm_error(status: int, message: str) -> httpx.Response:
+    return httpx.Response(status, json={"error": {"message": message, "type": "BadRequestError",
+                                                  "param": None, "code": status}})
+
+
+def fake_transport(*vllms: FakeVllm) -> httpx.MockTransport:
+    by_host = {httpx.URL(vllm.url).host: vllm for vllm in vllms}
+
+    async def route(request: httpx.Request) -> httpx.Response:
+        return await by_host[request.url.host].handle(request)
+
+    return httpx.MockTransport(route)
+
+
+def make_demo_adapters(base_dir: Path, out_dir: Path) -> Path:
+    """`caps` and `pirate` (DoRA) and `plain` (LoRA), as PEFT directories in `out_dir`."""
+    for seed, (name, use_dora) in enumerate([("caps", True), ("pirate", True),
+                                             ("plain", False)], start=1):
+        random_adapter(base_dir, out_dir / name, seed=seed, r=4, lora_alpha=8,
+                       target_modules=LLAMA_TARGETS, use_dora=use_dora)
+    return out_dir
+
+
+def write_config(directory: Path, base_dir: Path, adapters_dir: Path, *, extra_root: Path,
+                 backends: list[str], eager: bool) -> Path:
+    """acme may use `caps` and `plain` (2 at a time, 64 tokens); globex may use every adapter."""
+    path = directory / "gateway.toml"
+    path.write_text(f"""
+[model]
+path = "{base_dir}"
+[server]
+max_body_bytes = 4096
+cache_salt_secret = "test-secret"
+[engine]
+backends = {json.dumps(backends)}
+[adapters]
+dir = "{adapters_dir}"
+roots = ["{extra_root}"]
+eager = {json.dumps(eager)}
+[admin]
+api_keys = ["{ADMIN_KEY}"]
+[tenants.acme]
+api_keys = ["{ACME_KEY}"]
+adapters = ["caps", "plain"]
+max_concurrency = 2
+max_tokens = 64
+[tenants.globex]
+api_keys = ["{GLOBEX_KEY}"]
+adapters = ["*"]
+""")
+    return path
+
+
+@dataclass
+class Gateway:
+    app: FastAPI
+    config: GatewayConfig
+    registry: AdapterRegistry
+    pool: BackendPool
+    vllms: tuple[FakeVllm, ...]
+
+    @property
+    def vllm(self) -> FakeVllm:
+        return self.vllms[0]
+
+    def client(self, key: str | None = None) -> httpx.AsyncClient:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app),
+                                 base_url="http://gateway", headers=headers)
+
+
+async def make_gateway(tmp_path: Path, base_dir: Path, demo_adapters: Path, store_dir: Path,
+                       *vllms: FakeVllm, eager: bool = False) -> Gateway:
+    """A gateway over a fresh copy of the demo adapters (uploads write there), in front of
+    `vllms` (one fake by default)."""
+    vllms = vllms or (FakeVllm(),)
+    adapters_dir = shutil.copytree(demo_adapters, tmp_path / "adapters")
+    extra_root = tmp_path / "extra-root"
+    extra_root.mkdir()
+    config = load_config(write_config(tmp_path, base_dir, adapters_dir, extra_root=extra_root,
+                                      backends=[vllm.url for vllm in vllms], eager=eager))
+    pool = BackendPool(config.engine.backends,
+                       httpx.AsyncClient(transport=fake_transport(*vllms)))
+    registry = AdapterRegistry(BaseCheckpoint(base_dir), CompiledStore(store_dir),
+                               config.adapters.roots, pool)
+    await registry.add_directory(config.adapters.dir)
+    return Gateway(create_app(config, registry, pool), config, registry, pool, vllms)

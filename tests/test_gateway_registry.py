@@ -1,0 +1,225 @@
+"""The adapter registry: validation, confinement to roots, all-or-nothing adds, and loading
+into (fake) vLLM backends once."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+
+import httpx
+import pytest
+from safetensors.torch import load_file, save_file
+
+from adapters.base_checkpoint import BaseCheckpoint
+from adapters.compile import adapter_content_hash
+from adapters.store import CompiledStore
+from gateway.backend import BackendPool
+from gateway.errors import (
+    BackendError,
+    Conflict,
+    InvalidAdapter,
+    InvalidRequest,
+    ModelNotFound,
+    NotFound,
+)
+from gateway.registry import AdapterRegistry
+from tests.factories import LLAMA_TARGETS, random_adapter
+from tests.gateway_fakes import FakeVllm, fake_transport, make_demo_adapters
+
+pytestmark = pytest.mark.anyio
+LOAD = "/v1/load_lora_adapter"
+UNLOAD = "/v1/unload_lora_adapter"
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+def demo(llama_base, tmp_path_factory):
+    return make_demo_adapters(llama_base, tmp_path_factory.mktemp("gateway-adapters"))
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("gateway-store")
+
+
+@pytest.fixture
+def vllm():
+    return FakeVllm()
+
+
+@pytest.fixture
+def setup(llama_base, demo, store_dir, tmp_path, vllm):
+    adapters_dir = shutil.copytree(demo, tmp_path / "adapters")
+    extra_root = tmp_path / "extra"
+    extra_root.mkdir()
+    pool = BackendPool([vllm.url], httpx.AsyncClient(transport=fake_transport(vllm)))
+    registry = AdapterRegistry(BaseCheckpoint(llama_base), CompiledStore(store_dir),
+                               [adapters_dir, extra_root], pool)
+    return registry, pool, adapters_dir, extra_root
+
+
+async def test_directory_scan_compiles_every_adapter(setup, store_dir):
+    registry, _, adapters_dir, _ = setup
+    (adapters_dir / "not-an-adapter").mkdir()
+    entries = await registry.add_directory(adapters_dir)
+    assert [entry.name for entry in entries] == ["caps", "pirate", "plain"]
+    caps = registry.get("caps")
+    assert caps.is_dora and not registry.get("plain").is_dora
+    assert caps.content_hash == adapter_content_hash(adapters_dir / "caps")
+    assert caps.internal_name == f"caps--{caps.content_hash[:16]}"
+    assert caps.compiled_path.parent == store_dir
+    assert json.loads((caps.compiled_path / "dora_gateway.json").read_text())["is_dora"]
+    assert isinstance(caps.compile_seconds, float) and caps.compile_seconds >= 0
+    assert caps.source == (adapters_dir / "caps").resolve()
+
+
+async def test_add_from_another_root_and_relative_to_the_adapters_dir(setup):
+    registry, _, adapters_dir, extra_root = setup
+    shutil.copytree(adapters_dir / "pirate", extra_root / "pirate2")
+    assert (await registry.add("pirate2", extra_root / "pirate2")).is_dora
+    assert (await registry.add("caps", "caps")).source == (adapters_dir / "caps").resolve()
+
+
+@pytest.mark.parametrize("name", ["", "-caps", ".hidden", "a/b", "base", "caps\n", "x" * 65,
+                                  "caps lora"])
+async def test_invalid_names_are_refused(setup, name):
+    registry, *_ = setup
+    with pytest.raises(InvalidRequest, match="Invalid adapter name"):
+        await registry.add(name, "caps")
+    assert registry.entries() == []
+
+
+async def test_a_taken_name_is_refused(setup):
+    registry, *_ = setup
+    first = await registry.add("caps", "caps")
+    with pytest.raises(Conflict):
+        await registry.add("caps", "pirate")
+    assert registry.entries() == [first]
+
+
+async def test_paths_outside_the_roots_are_refused_including_symlink_escapes(setup, tmp_path):
+    registry, _, adapters_dir, _ = setup
+    outside = shutil.copytree(adapters_dir / "caps", tmp_path / "outside")
+    os.symlink(outside, adapters_dir / "escape")
+    for path in (outside, adapters_dir / "escape", adapters_dir / ".." / "outside", "../outside",
+                 "/etc", "caps\0"):
+        with pytest.raises(InvalidRequest) as caught:
+            await registry.add("sneaky", path)
+        assert caught.value.code == "path_not_allowed"
+    assert registry.entries() == []
+
+
+async def test_a_failed_add_changes_nothing(setup, vllm, store_dir):
+    registry, _, adapters_dir, _ = setup
+    await registry.add("caps", "caps")
+    broken = adapters_dir / "broken"
+    shutil.copytree(adapters_dir / "pirate", broken)
+    tensors = load_file(broken / "adapter_model.safetensors")
+    name = next(key for key in tensors if key.endswith("lora_B.weight"))
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, broken / "adapter_model.safetensors")
+    (broken / "extra.bin").write_bytes(b"pickle")
+    store_before = sorted(store_dir.iterdir())
+
+    with pytest.raises(InvalidAdapter) as caught:
+        await registry.add("broken", broken)
+    assert caught.value.status == 400
+    assert any("NaN" in problem for problem in caught.value.problems)
+    assert [entry.name for entry in registry.entries()] == ["caps"]
+    assert sorted(store_dir.iterdir()) == store_before
+    assert vllm.requests == []
+
+
+async def test_an_adapter_for_another_model_lists_every_problem(setup, tmp_path, gpt2_base):
+    registry, _, adapters_dir, _ = setup
+    random_adapter(gpt2_base, adapters_dir / "gpt2", r=4, lora_alpha=8,
+                   target_modules=["c_attn", "c_proj"], use_dora=True)
+    with pytest.raises(InvalidAdapter) as caught:
+        await registry.add("gpt2", "gpt2")
+    assert len(caught.value.problems) > 1
+    assert registry.get("gpt2") is None
+
+
+async def test_lazy_load_happens_once_per_backend(setup, vllm):
+    registry, pool, *_ = setup
+    caps = await registry.add("caps", "caps")
+    (backend,) = pool.backends
+    await asyncio.gather(*(registry.ensure_loaded(caps, backend) for _ in range(5)))
+    await registry.ensure_loaded(caps, backend)
+    assert vllm.received(LOAD) == [{"lora_name": caps.internal_name,
+                                    "lora_path": str(caps.compiled_path)}]
+    assert registry.loaded_on(caps) == [vllm.url]
+
+
+async def test_a_backend_that_went_down_is_forgotten_and_reloaded(setup, vllm):
+    registry, pool, *_ = setup
+    caps = await registry.add("caps", "caps")
+    (backend,) = pool.backends
+    await registry.ensure_loaded(caps, backend)
+    pool.mark_down(backend)
+    assert registry.loaded_on(caps) == []
+    backend.healthy = True
+    vllm.loaded.clear()
+    await registry.ensure_loaded(caps, backend)
+    assert len(vllm.received(LOAD)) == 2 and caps.internal_name in vllm.loaded
+
+
+async def test_forgetting_a_backend_that_kept_its_adapters_reloads_harmlessly(setup, vllm):
+    registry, pool, *_ = setup
+    caps = await registry.add("caps", "caps")
+    (backend,) = pool.backends
+    await registry.ensure_loaded(caps, backend)
+    registry.forget_backend(backend.url)
+    await registry.ensure_loaded(caps, backend)
+    assert len(vllm.received(LOAD)) == 2
+    assert registry.loaded_on(caps) == [vllm.url]
+
+
+async def test_a_load_the_backend_refuses_is_a_502_and_not_recorded(setup, vllm):
+    registry, pool, *_ = setup
+    caps = await registry.add("caps", "caps")
+    vllm.load_error = "vLLM does not yet support DoRA."
+    with pytest.raises(BackendError, match="does not yet support DoRA"):
+        await registry.ensure_loaded(caps, pool.backends[0])
+    assert registry.loaded_on(caps) == []
+
+
+async def test_remove_unloads_and_then_the_name_is_gone(setup, vllm):
+    registry, pool, *_ = setup
+    caps = await registry.add("caps", "caps")
+    plain = await registry.add("plain", "plain")
+    await registry.ensure_loaded(caps, pool.backends[0])
+    assert await registry.remove("caps") == caps
+    assert await registry.remove("plain") == plain
+    assert vllm.received(UNLOAD) == [{"lora_name": caps.internal_name}]
+    assert vllm.loaded == {}
+    assert registry.get("caps") is None and registry.entries() == []
+    with pytest.raises(NotFound):
+        await registry.remove("caps")
+    with pytest.raises(ModelNotFound):
+        await registry.ensure_loaded(caps, pool.backends[0])
+    assert len(vllm.received(LOAD)) == 1
+
+
+async def test_a_replaced_adapter_gets_a_new_internal_name(setup, llama_base):
+    registry, _, adapters_dir, _ = setup
+    first = await registry.add("caps", "caps")
+    await registry.remove("caps")
+    random_adapter(llama_base, adapters_dir / "caps-v2", seed=42, r=4, lora_alpha=8,
+                   target_modules=LLAMA_TARGETS, use_dora=True)
+    second = await registry.add("caps", "caps-v2")
+    assert second.internal_name != first.internal_name
+    assert second.internal_name.startswith("caps--")
+
+
+async def test_load_all_loads_every_adapter(setup, vllm):
+    registry, pool, adapters_dir, _ = setup
+    entries = await registry.add_directory(adapters_dir)
+    await registry.load_all(pool.backends[0])
+    assert set(vllm.loaded) == {entry.internal_name for entry in entries}
