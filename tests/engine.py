@@ -48,10 +48,11 @@ def reference(base_dir: Path, adapter_dir: Path | None, completion: Completion,
     return steps.argmax(-1).tolist(), steps.gather(1, chosen[:, None])[:, 0].tolist()
 
 
-def max_logprob_gap(base_dir: Path, adapter_dir: Path | None, completion: Completion) -> float:
+def max_logprob_gap(base_dir: Path, adapter_dir: Path | None, completion: Completion,
+                    label: str = "") -> float:
     """Largest |engine - PEFT| logprob; asserts greedy tokens agree first."""
     greedy, logprobs = reference(base_dir, adapter_dir, completion)
-    assert completion.token_ids == greedy, (completion.token_ids, greedy)
+    assert completion.token_ids == greedy, (label, completion.token_ids, greedy)
     return max(abs(a - b) for a, b in zip(completion.logprobs, logprobs, strict=True))
 
 

@@ -35,7 +35,7 @@ def test_mixed_batch_of_dora_lora_and_base_matches_peft(engine, default_model, d
         results = list(pool.map(lambda job: complete(engine.base_url, *job), jobs))
     for (model, _), completion in zip(jobs, results, strict=True):
         adapter = demo_adapters / models[model] if models[model] else None
-        gap = max_logprob_gap(default_model, adapter, completion)
+        gap = max_logprob_gap(default_model, adapter, completion, label=model)
         assert gap < LOGPROB_TOLERANCE, (model, gap)
 
 

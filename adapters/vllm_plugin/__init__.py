@@ -1,7 +1,8 @@
 """The vLLM plugin that serves DoRA adapters exactly (entry point `vllm.general_plugins`).
 
 vLLM loads general plugins in every process (API server, engine core, workers). `register`
-patches vLLM's LoRA loading, slot management and linear LoRA layers, once per process, and
+patches vLLM's LoRA loading, slot management and linear LoRA layers (and fixes the CPU LoRA
+ops for base-model tokens, see `cpu_punica_fix`), once per process, and
 only on the vLLM release it was written against: on any other, it patches nothing and says
 so, and DoRA adapters stay refused by vLLM itself (fail closed).
 """
@@ -30,10 +31,12 @@ def register() -> None:
         logger.error("dora-gateway's DoRA plugin supports vLLM %s only, found %s: not patching;"
                      " DoRA adapters will be refused.", SUPPORTED_VLLM, version)
         return
+    from adapters.vllm_plugin.cpu_punica_fix import patch_cpu_punica
     from adapters.vllm_plugin.layers import patch_layers
     from adapters.vllm_plugin.loading import patch_loading
     from adapters.vllm_plugin.manager import patch_manager
 
+    patch_cpu_punica()
     patch_layers()
     patch_loading()
     patch_manager()

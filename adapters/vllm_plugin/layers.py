@@ -4,7 +4,7 @@ Each patched layer holds a table `dora_scales [max_loras + 1, out_local]`: row i
 `s` of the adapter in slot i (ones for a plain LoRA adapter), and the last row is all ones,
 so punica's token index -1 ("no adapter") picks "no scale" without a branch.
 
-Semantics, per token t with slot index i_t (-1 for base tokens):
+Semantics, per token t with slot index i_t (-1 for base tokens, i.e. the last row):
     y_t = dora_scales[i_t] * (W0 x_t) + b + B~_{i_t} (A_{i_t} x_t)
 which is the base layer without bias, one gather-multiply, the bias, then vLLM's LoRA add.
 The gather-multiply is skipped (eager mode only) when no DoRA token is in the batch: the
@@ -39,15 +39,28 @@ DORA_LAYER_TYPES = (
     RowParallelLinearWithLoRA,
 )
 BATCH_FLAG = "dora_batch_active"
+ROWS_ATTRIBUTE = "dora_table_rows"
 
 
 def scale_rows_by_adapter(output: torch.Tensor, table: torch.Tensor,
-                          token_indices: torch.Tensor) -> torch.Tensor:
-    """Semantics: output[t, :] *= table[token_indices[t], :]   (in place)
+                          rows: torch.Tensor) -> torch.Tensor:
+    """Semantics: output[t, :] *= table[rows[t], :]   (in place)
 
-    Shapes: output [tokens, out], table [max_loras + 1, out], token_indices [tokens].
+    Shapes: output [tokens, out], table [max_loras + 1, out], rows [tokens] (slot per token,
+    max_loras for "no adapter"; see `table_rows`).
     """
-    return output.mul_(table.index_select(0, token_indices[: output.shape[0]] % table.shape[0]))
+    if rows.shape[0] != output.shape[0]:
+        rows = rows[: output.shape[0]]
+    return output.mul_(table.index_select(0, rows))
+
+
+def table_rows(token_lora_indices: torch.Tensor, table_size: int) -> torch.Tensor:
+    """punica's per-token slot (-1 = no adapter) as a table row: -1 becomes the ones row.
+
+    Computed once per batch mapping, not per layer: on a small model every extra op per
+    layer is a visible share of the step time.
+    """
+    return token_lora_indices % table_size
 
 
 def dora_unsupported_reason(layer: BaseLinearLayerWithLoRA) -> str | None:
@@ -106,7 +119,7 @@ def _scaled_base_output(layer: BaseLinearLayerWithLoRA, x: torch.Tensor,
                         bias: torch.Tensor | None) -> torch.Tensor:
     output = layer._get_quant_method().apply(layer.base_layer, x, None)
     flat = output.flatten(0, -2) if output.ndim == 3 else output
-    scale_rows_by_adapter(flat, layer.dora_scales, layer.punica_wrapper.token_lora_indices)
+    scale_rows_by_adapter(flat, layer.dora_scales, getattr(layer.punica_wrapper, ROWS_ATTRIBUTE))
     return output if bias is None else output.add_(bias)
 
 

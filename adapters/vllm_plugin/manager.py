@@ -3,7 +3,8 @@
 When an adapter takes a slot, each layer's scale row is filled from the adapter's
 `dora_scales` (sub-module scales gathered for packed layers such as qkv_proj); vLLM's own
 `reset_lora`/`set_lora` calls have already reset the row to ones. When the batch mapping
-changes, a host-side flag records whether any token of the batch uses a DoRA adapter.
+changes, a host-side flag records whether any token of the batch uses a DoRA adapter, and
+the per-token table rows are computed once for all layers.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import torch
 from vllm.lora.model_manager import LoRAModelManager
 
-from adapters.vllm_plugin.layers import BATCH_FLAG, set_scale
+from adapters.vllm_plugin.layers import BATCH_FLAG, ROWS_ATTRIBUTE, set_scale, table_rows
 
 
 def _layer_scales(manager: LoRAModelManager, lora_model, module_name: str,
@@ -53,6 +54,9 @@ def patch_manager() -> None:
         active = batch_has_dora(self, mapping.index_mapping)
         for wrapper in self.punica_wrapper_mapping.values():
             setattr(wrapper, BATCH_FLAG, active)
+            if active:
+                setattr(wrapper, ROWS_ATTRIBUTE,
+                        table_rows(wrapper.token_lora_indices, self.lora_slots + 1))
 
     LoRAModelManager.activate_adapter = activate_adapter
     LoRAModelManager._set_adapter_mapping = _set_adapter_mapping
