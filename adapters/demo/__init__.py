@@ -1,0 +1,1 @@
+"""The committed demo adapters and `recipe`, which trains them."""
