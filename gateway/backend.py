@@ -70,9 +70,10 @@ class BackendPool:
                 listener(backend.url)
 
     async def check_health(self) -> None:
-        await asyncio.gather(*(self._check(backend) for backend in self.backends))
+        await asyncio.gather(*(self.check(backend) for backend in self.backends))
 
-    async def _check(self, backend: Backend) -> None:
+    async def check(self, backend: Backend) -> bool:
+        """Ask `backend` for its health and mark it up or down by the answer."""
         try:
             response = await self.client.get(backend.url + HEALTH_PATH, timeout=HEALTH_TIMEOUT_S)
             healthy = response.status_code == 200
@@ -82,6 +83,7 @@ class BackendPool:
             backend.healthy = True
         else:
             self.mark_down(backend)
+        return healthy
 
     async def post(self, backend: Backend, path: str, payload: dict,
                    headers: dict[str, str] | None = None) -> httpx.Response:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -35,7 +39,25 @@ def _merge(args: argparse.Namespace) -> None:
 
 
 def _serve(args: argparse.Namespace) -> None:
-    serve(load_config(args.config))
+    config = load_config(args.config)
+    if args.port is not None:
+        config = dataclasses.replace(config,
+                                     server=dataclasses.replace(config.server, port=args.port))
+    _log_to_stderr()
+    # SIGTERM must unwind like Ctrl-C, so the vLLM server `serve` started is stopped with it
+    # (uvicorn shuts down gracefully on it, then raises it again).
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    with contextlib.suppress(KeyboardInterrupt):
+        serve(config)
+
+
+def _log_to_stderr() -> None:
+    """The gateway's own events (backend down, vLLM restarted) beside uvicorn's log lines."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
+    gateway_log = logging.getLogger("gateway")
+    gateway_log.addHandler(handler)
+    gateway_log.setLevel(logging.INFO)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the OpenAI-compatible gateway")
     serve.add_argument("--config", type=Path, required=True, help="gateway TOML file")
+    serve.add_argument("--port", type=int, help="listen here instead of [server] port")
     serve.set_defaults(run=_serve)
     return parser
 

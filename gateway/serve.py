@@ -3,12 +3,14 @@
 Everything is checked before the port opens: the config, the base model, and every adapter
 in the adapters directory (validated and compiled), so a bad deployment fails at start with
 the reason, not on a user's first request. With no `[engine] backends`, one vLLM server is
-started on loopback for the gateway's lifetime (not yet restarted if it dies).
+started on loopback for the gateway's lifetime and restarted whenever it dies.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 from collections.abc import Sequence
 
 import uvicorn
@@ -20,7 +22,10 @@ from gateway.app import create_app
 from gateway.backend import BackendPool
 from gateway.config import GatewayConfig
 from gateway.registry import AdapterRegistry
+from gateway.supervisor import EngineSupervisor
 from gateway.vllm_process import EngineSettings, VllmServer
+
+log = logging.getLogger(__name__)
 
 
 def serve(config: GatewayConfig) -> None:
@@ -28,7 +33,8 @@ def serve(config: GatewayConfig) -> None:
         asyncio.run(_serve(config, config.engine.backends))
         return
     with local_engine(config) as server:
-        asyncio.run(_serve(config, [server.base_url]))
+        log.info("started vLLM at %s (log: %s)", server.base_url, server.log_path)
+        asyncio.run(_serve(config, [server.base_url], local=server))
 
 
 def local_engine(config: GatewayConfig) -> VllmServer:
@@ -39,16 +45,27 @@ def local_engine(config: GatewayConfig) -> VllmServer:
     return VllmServer(settings, log_path=paths.home() / "logs" / "vllm-gateway.log")
 
 
-async def _serve(config: GatewayConfig, backend_urls: Sequence[str]) -> None:
+async def _serve(config: GatewayConfig, backend_urls: Sequence[str],
+                 local: VllmServer | None = None) -> None:
+    """Run until uvicorn stops; `local` is the vLLM server this gateway started and keeps
+    running."""
     pool = BackendPool(backend_urls)
+    supervising: asyncio.Task | None = None
     try:
         registry = AdapterRegistry(BaseCheckpoint(config.model_path),
                                    CompiledStore(paths.compiled_store_dir()),
                                    config.adapters.roots, pool)
         await registry.add_directory(config.adapters.dir)
         app = create_app(config, registry, pool)
+        if local is not None:
+            supervisor = EngineSupervisor(local, pool, registry, eager=config.adapters.eager)
+            supervising = asyncio.create_task(supervisor.run())
         server = uvicorn.Server(uvicorn.Config(app, host=config.server.host,
                                                port=config.server.port))
         await server.serve()
     finally:
+        if supervising is not None:
+            supervising.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await supervising
         await pool.aclose()

@@ -7,7 +7,9 @@ entry point. Output goes to a log file, so a failed start can say why.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -79,10 +81,14 @@ class VllmServer:
             self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
                                             env=env, start_new_session=True)
 
+    def exited(self) -> bool:
+        """Whether the server process has ended (or was never started)."""
+        return self.process is None or self.process.poll() is not None
+
     def wait_ready(self, timeout_s: float = 300) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if self.process is None or self.process.poll() is not None:
+            if self.exited():
                 raise EngineStartError(f"vLLM exited during start-up; log: {self.log_tail()}")
             try:
                 if httpx.get(f"{self.base_url}/health", timeout=2).status_code == 200:
@@ -93,14 +99,17 @@ class VllmServer:
         raise EngineStartError(f"vLLM not healthy after {timeout_s:.0f}s; log: {self.log_tail()}")
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
+        """Stop the server and everything it started: a server that was killed leaves its
+        engine-core process behind, holding memory, so its whole process group goes."""
+        if self.process is None:
             return
-        os.killpg(self.process.pid, 15)
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, 9)
-            self.process.wait()
+        if self.process.poll() is None:
+            _signal_group(self.process.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=30)
+        _signal_group(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+        self.process = None  # its group id may be reused: never signal it again
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -110,8 +119,17 @@ class VllmServer:
 
     def __enter__(self) -> VllmServer:
         self.start()
-        self.wait_ready()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signum)

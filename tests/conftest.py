@@ -1,4 +1,5 @@
-"""Shared fixtures: the prepared default model and tiny random base models."""
+"""Shared fixtures: the prepared default model, tiny random base models, and the real vLLM
+and gateway that engine tests share."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from adapters import paths
 from adapters.default_model import prepare_default_model
 from gateway.vllm_process import EngineSettings, VllmServer
 from tests.factories import LLAMA_TARGETS, random_adapter, tiny_gpt2, tiny_llama
+from tests.gateway_process import GatewayProcess, write_config
 
 DEMO_ADAPTERS = ("caps", "pirate", "brief", "caps-lora")
 TEST_OUTPUT = Path(__file__).resolve().parent.parent / "test-output"
@@ -67,3 +69,23 @@ def engine(default_model: Path, demo_adapters: Path, tmp_path_factory) -> Iterat
     server = VllmServer(settings, log_path=TEST_OUTPUT / "vllm-engine.log")
     with server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def gateway_root(tmp_path_factory) -> Path:
+    """A directory admins may add adapters from (beside the demo adapters directory)."""
+    return tmp_path_factory.mktemp("gateway-root")
+
+
+@pytest.fixture(scope="session")
+def real_gateway(engine: VllmServer, default_model: Path, demo_adapters: Path,
+                 gateway_root: Path, tmp_path_factory) -> Iterator[GatewayProcess]:
+    """`dora-gateway serve` in front of the session's vLLM. vLLM already serves the demo
+    adapters under their own names; the gateway loads them again under its internal names,
+    so a test can send one request both ways and compare."""
+    config = write_config(tmp_path_factory.mktemp("gateway") / "gateway.toml",
+                          model=default_model, adapters_dir=demo_adapters,
+                          roots=[gateway_root], backends=[engine.base_url])
+    gateway = GatewayProcess.start(config, TEST_OUTPUT / "gateway.log")
+    yield gateway
+    gateway.stop()

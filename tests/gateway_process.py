@@ -1,0 +1,119 @@
+"""A real gateway, run as an operator runs it: `dora-gateway serve --config FILE`.
+
+Engine tests talk to it over TCP with real clients (httpx, the `openai` SDK), and read vLLM's
+own Prometheus metrics to see what reached the engine.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from gateway.vllm_process import free_port
+from tests.gateway_fakes import ACME_KEY, ADMIN_KEY, GLOBEX_KEY
+
+GATEWAY_CLI = str(Path(sys.executable).with_name("dora-gateway"))
+PROMPT = "The ocean is"
+
+
+def write_config(path: Path, *, model: Path, adapters_dir: Path, roots: list[Path],
+                 backends: list[str]) -> Path:
+    """acme may use `caps` and `pirate`; globex may use every adapter, 16 requests at a time;
+    no `backends` makes the gateway start (and supervise) its own vLLM."""
+    path.write_text(f"""
+[model]
+path = "{model}"
+[engine]
+backends = {json.dumps(backends)}
+max_loras = 2
+[adapters]
+dir = "{adapters_dir}"
+roots = {json.dumps([str(root) for root in roots])}
+[admin]
+api_keys = ["{ADMIN_KEY}"]
+[tenants.acme]
+api_keys = ["{ACME_KEY}"]
+adapters = ["caps", "pirate"]
+[tenants.globex]
+api_keys = ["{GLOBEX_KEY}"]
+adapters = ["*"]
+max_concurrency = 16
+""")
+    return path
+
+
+@dataclass
+class GatewayProcess:
+    process: subprocess.Popen
+    url: str
+    log_path: Path
+
+    @classmethod
+    def start(cls, config: Path, log_path: Path, timeout_s: float = 600) -> GatewayProcess:
+        """Start it and wait until its `/health` says a backend is up."""
+        port = free_port()
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with log_path.open("ab") as log:
+            process = subprocess.Popen(
+                [GATEWAY_CLI, "serve", "--config", str(config), "--port", str(port)],
+                stdout=log, stderr=subprocess.STDOUT)
+        gateway = cls(process, f"http://127.0.0.1:{port}", log_path)
+        try:
+            gateway.wait_healthy(timeout_s)
+        except BaseException:
+            gateway.stop()
+            raise
+        return gateway
+
+    def wait_healthy(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, f"the gateway exited:\n{self.log_tail()}"
+            try:
+                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise AssertionError(f"the gateway was not healthy in {timeout_s:.0f}s:\n"
+                             f"{self.log_tail()}")
+
+    def client(self, key: str) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {key}"},
+                            timeout=300)
+
+    def stop(self) -> int:
+        """SIGTERM, as a service manager stops it; its exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        return self.process.wait()
+
+    def log_tail(self, lines: int = 40) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def running_requests(engine_url: str) -> float:
+    """vLLM's own count of requests it is generating for (`vllm:num_requests_running`)."""
+    metrics = httpx.get(engine_url + "/metrics", timeout=30).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+               if line.startswith("vllm:num_requests_running"))
+
+
+def data_events(lines: Iterator[str]) -> Iterator[str]:
+    """The payloads of an SSE stream's `data:` lines, as they arrive."""
+    for line in lines:
+        if line.startswith("data:"):
+            yield line[len("data:"):].strip()
