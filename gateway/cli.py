@@ -17,7 +17,7 @@ from adapters.default_model import prepare_default_model
 from adapters.errors import DoraGatewayError
 from adapters.merge import merge_adapter
 from adapters.store import CompiledStore
-from gateway.config import load_config
+from gateway.config import GatewayConfig, is_http_url, load_config
 from gateway.serve import serve
 
 
@@ -38,11 +38,22 @@ def _merge(args: argparse.Namespace) -> None:
     print(merge_adapter(args.adapter, args.base, args.out))
 
 
+def with_overrides(config: GatewayConfig, port: int | None,
+                   backends: list[str] | None) -> GatewayConfig:
+    """`serve --port` and `--backend URL ...` win over the config file."""
+    if port is not None:
+        config = dataclasses.replace(config, server=dataclasses.replace(config.server, port=port))
+    if backends:
+        bad = [url for url in backends if not is_http_url(url)]
+        if bad:
+            raise DoraGatewayError(f"--backend takes http(s) URLs, got {', '.join(bad)}")
+        engine = dataclasses.replace(config.engine, backends=tuple(backends))
+        config = dataclasses.replace(config, engine=engine)
+    return config
+
+
 def _serve(args: argparse.Namespace) -> None:
-    config = load_config(args.config)
-    if args.port is not None:
-        config = dataclasses.replace(config,
-                                     server=dataclasses.replace(config.server, port=args.port))
+    config = with_overrides(load_config(args.config), args.port, args.backend)
     _log_to_stderr()
     # SIGTERM must unwind like Ctrl-C, so the vLLM server `serve` started is stopped with it
     # (uvicorn shuts down gracefully on it, then raises it again).
@@ -83,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the OpenAI-compatible gateway")
     serve.add_argument("--config", type=Path, required=True, help="gateway TOML file")
     serve.add_argument("--port", type=int, help="listen here instead of [server] port")
+    serve.add_argument("--backend", action="append", metavar="URL",
+                       help="an already running vLLM server (repeatable); replaces "
+                            "[engine] backends, and no local vLLM is started")
     serve.set_defaults(run=_serve)
     return parser
 

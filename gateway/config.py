@@ -136,7 +136,7 @@ class _Reader:
             self.problems.append(f"engine.dtype: {dtype!r} is not one of {sorted(DTYPES)}")
         backends = self.strings(table, "engine", "backends")
         for url in backends:
-            if not _is_http_url(url):
+            if not is_http_url(url):
                 self.problems.append(f"engine.backends: {url!r} is not an http(s) URL")
         return EngineConfig(
             dtype=dtype,
@@ -257,7 +257,7 @@ class _Reader:
             self.problems.append(f"{where}: unknown key {key!r} (known: {sorted(allowed)})")
 
 
-def _is_http_url(url: str) -> bool:
+def is_http_url(url: str) -> bool:
     try:
         parsed = httpx.URL(url)
     except httpx.InvalidURL:

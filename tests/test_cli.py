@@ -10,7 +10,9 @@ import pytest
 
 import adapters.default_model
 from adapters.default_model import prepare_default_model
-from adapters.errors import ModelPrepareError
+from adapters.errors import DoraGatewayError, ModelPrepareError
+from gateway.cli import build_parser, with_overrides
+from gateway.config import load_config
 from tests.factories import LLAMA_TARGETS, random_adapter
 
 CLI = [sys.executable, "-m", "gateway.cli"]
@@ -59,3 +61,18 @@ def test_merge_writes_a_loadable_model(llama_base, tmp_path):
     assert result.returncode == 0, result.stderr
     merged = Path(result.stdout.strip())
     assert (merged / "config.json").is_file() and (merged / "model.safetensors").is_file()
+
+
+def test_serve_backend_and_port_flags_override_the_config(tmp_path):
+    config_file = tmp_path / "gateway.toml"
+    config_file.write_text('[engine]\nbackends = ["http://127.0.0.1:9000"]\n'
+                           '[tenants.a]\napi_keys = ["sk-test-key-0123456789"]\nadapters = ["*"]\n')
+    args = build_parser().parse_args(["serve", "--config", str(config_file), "--port", "9999",
+                                      "--backend", "http://127.0.0.1:1", "--backend",
+                                      "http://127.0.0.1:2"])
+    config = with_overrides(load_config(args.config), args.port, args.backend)
+    assert config.server.port == 9999
+    assert config.engine.backends == ("http://127.0.0.1:1", "http://127.0.0.1:2")
+    assert with_overrides(config, None, None) == config
+    with pytest.raises(DoraGatewayError, match="--backend takes http"):
+        with_overrides(config, None, ["ftp://x"])
