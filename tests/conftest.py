@@ -15,6 +15,8 @@ from gateway.vllm_process import EngineSettings, VllmServer
 from tests.factories import LLAMA_TARGETS, random_adapter, tiny_gpt2, tiny_llama
 from tests.gateway_process import GatewayProcess, write_config
 
+pytest_plugins = ["tests.gateway_fixtures"]
+
 DEMO_ADAPTERS = ("caps", "pirate", "brief", "caps-lora")
 TEST_OUTPUT = Path(__file__).resolve().parent.parent / "test-output"
 

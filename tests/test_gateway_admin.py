@@ -13,7 +13,6 @@ from tests.gateway_fakes import (
     ADMIN_KEY,
     GLOBEX_KEY,
     FakeVllm,
-    make_demo_adapters,
     make_gateway,
 )
 
@@ -21,21 +20,6 @@ pytestmark = pytest.mark.anyio
 ADAPTERS = "/admin/adapters"
 CHAT = "/v1/chat/completions"
 FILES = ("adapter_config.json", "adapter_model.safetensors")
-
-
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
-@pytest.fixture(scope="module")
-def demo(llama_base, tmp_path_factory):
-    return make_demo_adapters(llama_base, tmp_path_factory.mktemp("gateway-adapters"))
-
-
-@pytest.fixture(scope="module")
-def store_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("gateway-store")
 
 
 @pytest.fixture

@@ -5,25 +5,10 @@ from __future__ import annotations
 import pytest
 
 from gateway.health import refresh
-from tests.gateway_fakes import ADMIN_KEY, GLOBEX_KEY, FakeVllm, make_demo_adapters, make_gateway
+from tests.gateway_fakes import ADMIN_KEY, GLOBEX_KEY, FakeVllm, make_gateway
 
 pytestmark = pytest.mark.anyio
 LOAD = "/v1/load_lora_adapter"
-
-
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
-@pytest.fixture(scope="module")
-def demo(llama_base, tmp_path_factory):
-    return make_demo_adapters(llama_base, tmp_path_factory.mktemp("gateway-adapters"))
-
-
-@pytest.fixture(scope="module")
-def store_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("gateway-store")
 
 
 def internal_names(gateway) -> set[str]:

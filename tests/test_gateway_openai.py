@@ -16,7 +16,6 @@ from tests.gateway_fakes import (
     GLOBEX_KEY,
     STREAM_TEXT,
     FakeVllm,
-    make_demo_adapters,
     make_gateway,
     wait_until,
 )
@@ -25,26 +24,6 @@ pytestmark = pytest.mark.anyio
 CHAT = "/v1/chat/completions"
 LOAD = "/v1/load_lora_adapter"
 MESSAGES = [{"role": "user", "content": "Hi"}]
-
-
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
-@pytest.fixture(scope="module")
-def demo(llama_base, tmp_path_factory):
-    return make_demo_adapters(llama_base, tmp_path_factory.mktemp("gateway-adapters"))
-
-
-@pytest.fixture(scope="module")
-def store_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("gateway-store")
-
-
-@pytest.fixture
-def vllm():
-    return FakeVllm()
 
 
 @pytest.fixture

@@ -11,28 +11,11 @@ import pytest
 from tests.gateway_fakes import (
     ACME_KEY,
     STREAM_TEXT,
-    FakeVllm,
-    make_demo_adapters,
     make_gateway,
 )
 
 pytestmark = pytest.mark.anyio
 MESSAGES = [{"role": "user", "content": "Hi"}]
-
-
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
-@pytest.fixture(scope="module")
-def demo(llama_base, tmp_path_factory):
-    return make_demo_adapters(llama_base, tmp_path_factory.mktemp("gateway-adapters"))
-
-
-@pytest.fixture
-def vllm():
-    return FakeVllm()
 
 
 @pytest.fixture

@@ -26,31 +26,11 @@ from gateway.errors import (
 )
 from gateway.registry import AdapterRegistry
 from tests.factories import LLAMA_TARGETS, random_adapter
-from tests.gateway_fakes import FakeVllm, fake_transport, make_demo_adapters
+from tests.gateway_fakes import fake_transport
 
 pytestmark = pytest.mark.anyio
 LOAD = "/v1/load_lora_adapter"
 UNLOAD = "/v1/unload_lora_adapter"
-
-
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
-@pytest.fixture(scope="module")
-def demo(llama_base, tmp_path_factory):
-    return make_demo_adapters(llama_base, tmp_path_factory.mktemp("gateway-adapters"))
-
-
-@pytest.fixture(scope="module")
-def store_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("gateway-store")
-
-
-@pytest.fixture
-def vllm():
-    return FakeVllm()
 
 
 @pytest.fixture

@@ -20,23 +20,12 @@ from gateway.vllm_process import EngineSettings, VllmServer
 from tests.gateway_fakes import (
     GLOBEX_KEY,
     FakeVllm,
-    make_demo_adapters,
     make_gateway,
     wait_until,
 )
 
 pytestmark = pytest.mark.anyio
 LOAD = "/v1/load_lora_adapter"
-
-
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
-@pytest.fixture(scope="module")
-def demo(llama_base, tmp_path_factory):
-    return make_demo_adapters(llama_base, tmp_path_factory.mktemp("gateway-adapters"))
 
 
 @dataclass
