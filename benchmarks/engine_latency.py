@@ -1,6 +1,6 @@
 """Benchmark: what DoRA costs inside vLLM, against plain LoRA with the same A and B.
 
-    python -m benchmarks.engine_latency [--rounds 6] [--tokens 64]
+    python -m benchmarks.engine_latency [--rounds 6] [--tokens 64] [--part engine|peft|all]
 
 One vLLM engine (CPU, float32, our plugin) serves the base model, a random r=8 DoRA adapter
 on all linear layers of the default model, and its plain-LoRA twin (same A and B, no
@@ -122,14 +122,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--part", choices=["engine", "peft", "all"], default="all")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as work:
         work_dir = Path(work)
         dora = random_adapter(paths.default_model_dir(), work_dir / "dora", r=8, lora_alpha=16,
                               target_modules=LLAMA_TARGETS, use_dora=True)
         adapters = {"dora": dora, "lora": without_magnitude(dora, work_dir / "lora")}
-        bench_engine(adapters, args.rounds, args.tokens, work_dir / "vllm.log")
-        bench_peft(adapters, args.tokens)
+        if args.part in ("engine", "all"):
+            bench_engine(adapters, args.rounds, args.tokens, work_dir / "vllm.log")
+        if args.part in ("peft", "all"):
+            bench_peft(adapters, args.tokens)
 
 
 if __name__ == "__main__":
