@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed-$(ENGINE)
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 PORT ?= 8080
 
-.PHONY: install model serve test lint
+.PHONY: install model serve test lint test-tools
 
 install: $(STAMP)
 
@@ -30,6 +30,10 @@ serve: model
 lint: install
 	$(BIN)/ruff check .
 
-test: model
+# Chromium and Prometheus for the dashboard and scrape tests (apt-get when missing).
+test-tools:
+	scripts/test_tools.sh
+
+test: model test-tools
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest

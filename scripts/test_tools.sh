@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The programs the test suite drives besides Python packages: Debian's Chromium (the dashboard
+# is checked in a real headless browser) and Prometheus with promtool (the scrape config is
+# checked and a real Prometheus scrapes a running gateway). Installed with apt when missing.
+set -euo pipefail
+missing=()
+command -v chromium >/dev/null || missing+=(chromium)
+{ command -v prometheus >/dev/null && command -v promtool >/dev/null; } || missing+=(prometheus)
+[ ${#missing[@]} -eq 0 ] && exit 0
+sudo=()
+[ "$(id -u)" -eq 0 ] || sudo=(sudo)
+echo "installing ${missing[*]} with apt-get" >&2
+"${sudo[@]}" apt-get update -q
+DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"
