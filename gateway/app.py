@@ -1,4 +1,5 @@
-"""The gateway's ASGI app: OpenAI routes, the admin API and `/health`, nothing else.
+"""The gateway's ASGI app: OpenAI routes, the admin API, `/health`, `/metrics` and
+`/dashboard`, nothing else.
 
 FastAPI's docs and schema routes are off, and no route forwards to vLLM other than the two
 completion routes, so none of vLLM's own routes is reachable through the gateway.
@@ -19,8 +20,10 @@ from gateway.body_limit import BodyLimitMiddleware
 from gateway.config import GatewayConfig
 from gateway.error_handlers import install_error_handlers
 from gateway.health import health_router, load_eagerly, watch
+from gateway.observability_routes import observability_router
 from gateway.openai_routes import openai_router
 from gateway.registry import AdapterRegistry
+from gateway.telemetry import Telemetry
 
 
 def create_app(config: GatewayConfig, registry: AdapterRegistry, backends: BackendPool) -> FastAPI:
@@ -41,10 +44,14 @@ def create_app(config: GatewayConfig, registry: AdapterRegistry, backends: Backe
     app = FastAPI(title="dora-gateway", docs_url=None, redoc_url=None, openapi_url=None,
                   lifespan=lifespan)
     access = Access(config)
-    app.include_router(openai_router(access, registry, backends))
+    telemetry = Telemetry(config.metrics.window_seconds)
+    telemetry.watch(access.limiters, backends, registry)
+    registry.add_observer(telemetry)
+    app.include_router(openai_router(access, registry, backends, telemetry))
     app.include_router(admin_router(access, registry, backends, config.adapters.dir,
                                     eager=eager))
     app.include_router(health_router(backends))
+    app.include_router(observability_router(access, telemetry))
     install_error_handlers(app)
 
     def body_limit(path: str) -> int:

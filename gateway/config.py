@@ -23,7 +23,8 @@ from adapters.errors import DoraGatewayError
 from gateway.key_specs import parse_key, parse_secret
 from gateway.tenancy import ALL_ADAPTERS, Tenant, valid_name
 
-SECTIONS = {"model", "server", "engine", "adapters", "admin", "tenants"}
+SECTIONS = {"model", "server", "engine", "adapters", "admin", "metrics", "tenants"}
+METRICS_ACCESS = ("local", "key", "open")
 DTYPES = {"auto", "half", "float16", "bfloat16", "float", "float32"}
 DEFAULT_MAX_CONCURRENCY = 4
 DEFAULT_MAX_TOKENS = 1024
@@ -64,6 +65,16 @@ class AdaptersConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """Who may read `/metrics` and `/dashboard`: "local" lets loopback clients in without a
+    key, "key" asks everyone for a metrics (or admin) key, "open" asks no one."""
+
+    access: str = "local"
+    key_digests: tuple[bytes, ...] = field(default=(), repr=False)
+    window_seconds: int = 300
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     source: Path
     model_path: Path
@@ -72,6 +83,7 @@ class GatewayConfig:
     adapters: AdaptersConfig
     admin_key_digests: tuple[bytes, ...] = field(repr=False)
     tenants: tuple[Tenant, ...]
+    metrics: MetricsConfig = MetricsConfig()
 
 
 def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> GatewayConfig:
@@ -107,6 +119,7 @@ class _Reader:
                                              "extra_args", "backends"})
         adapters = self.table(data, "adapters", {"dir", "roots", "eager", "max_upload_bytes"})
         admin = self.table(data, "admin", {"api_keys"})
+        metrics = self.table(data, "metrics", {"access", "api_keys", "window_seconds"})
         return GatewayConfig(
             source=source,
             model_path=self.path(model, "model", "path", paths.default_model_dir()),
@@ -115,6 +128,7 @@ class _Reader:
             adapters=self.adapters(adapters),
             admin_key_digests=self.keys(admin, "admin", "admin", required=False),
             tenants=self.tenants(data.get("tenants", {})),
+            metrics=self.metrics(metrics),
         )
 
     def server(self, table: dict) -> ServerConfig:
@@ -159,6 +173,18 @@ class _Reader:
             eager=self.value(table, "adapters", "eager", bool, False),
             max_upload_bytes=self.integer(table, "adapters", "max_upload_bytes",
                                           AdaptersConfig.max_upload_bytes),
+        )
+
+    def metrics(self, table: dict) -> MetricsConfig:
+        defaults = MetricsConfig()
+        access = self.value(table, "metrics", "access", str, defaults.access)
+        if access not in METRICS_ACCESS:
+            self.problems.append(f"metrics.access: {access!r} is not one of {list(METRICS_ACCESS)}")
+        return MetricsConfig(
+            access=access,
+            key_digests=self.keys(table, "metrics", "metrics", required=False),
+            window_seconds=self.integer(table, "metrics", "window_seconds",
+                                        defaults.window_seconds, maximum=86400),
         )
 
     def tenants(self, tables: object) -> tuple[Tenant, ...]:

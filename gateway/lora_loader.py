@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,8 +25,12 @@ log = logging.getLogger(__name__)
 
 
 class LoraLoader:
-    def __init__(self, pool: BackendPool) -> None:
+    """`on_loaded(internal_name, seconds)` is told of every load that reached a backend."""
+
+    def __init__(self, pool: BackendPool,
+                 on_loaded: Callable[[str, float], None] = lambda name, seconds: None) -> None:
         self._pool = pool
+        self._on_loaded = on_loaded
         self._loaded: dict[str, set[str]] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         pool.on_down(self.forget_backend)
@@ -51,11 +56,13 @@ class LoraLoader:
                 return True
             if not still_wanted():
                 return False
+            started = time.perf_counter()
             response = await self._pool.post(
                 backend, LOAD_PATH, {"lora_name": internal_name, "lora_path": str(compiled_path)})
             if response.status_code != 200 and not _already_loaded(response):
                 raise BackendError(f"The model backend could not load the adapter: "
                                    f"{_message(response)}")
+            self._on_loaded(internal_name, time.perf_counter() - started)
             self._loaded.setdefault(internal_name, set()).add(backend.url)
             return True
 

@@ -3,7 +3,8 @@
 The body passes through unchanged except for what the gateway must own: `model` (mapped to
 an internal name), `cache_salt` (per tenant, so prefix-cache timing cannot leak prompts
 across tenants) and `request_id`; plus a token cap where vLLM would otherwise generate up to
-the context length.
+the context length, and `stream_options.include_usage` on streams (the token counters need
+vLLM's usage; the proxy hides it from clients that did not ask).
 """
 
 from __future__ import annotations
@@ -77,12 +78,22 @@ def upstream_body(body: dict, route: Route, tenant: Tenant, *, model: str, cache
                   request_id: str) -> dict:
     forwarded = {key: value for key, value in body.items() if key not in GATEWAY_FIELDS}
     forwarded.update(model=model, cache_salt=cache_salt, request_id=request_id)
+    options = body.get("stream_options")
+    if body.get("stream") is True and (options is None or isinstance(options, dict)):
+        forwarded["stream_options"] = {**(options or {}), "include_usage": True}
     present = [field for field in route.token_fields if field in body]
     unbounded = all(body[field] is None for field in present) and (
         bool(present) or route.unbounded_when_absent)
     if unbounded:
         forwarded[route.token_fields[0]] = tenant.max_tokens
     return forwarded
+
+
+def client_wants_usage(body: dict) -> bool:
+    """Whether the client itself asked for a stream's usage chunk (the gateway always does,
+    for its token counters)."""
+    options = body.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
 
 
 def _optional_int(body: dict, field: str) -> int | None:

@@ -20,18 +20,21 @@ from gateway.openai_request import (
     COMPLETIONS,
     Route,
     check_limits,
+    client_wants_usage,
     parse_body,
     resolve_model,
     upstream_body,
 )
 from gateway.proxy import Target, forward
 from gateway.registry import BASE_MODEL, AdapterRegistry
+from gateway.telemetry import Telemetry
 from gateway.tenancy import Tenant
 
 OWNER = "dora-gateway"
 
 
-def openai_router(access: Access, registry: AdapterRegistry, pool: BackendPool) -> APIRouter:
+def openai_router(access: Access, registry: AdapterRegistry, pool: BackendPool,
+                  telemetry: Telemetry) -> APIRouter:
     router = APIRouter()
     started = int(time.time())
 
@@ -39,15 +42,18 @@ def openai_router(access: Access, registry: AdapterRegistry, pool: BackendPool) 
         tenant = access.tenant(request)
         body = parse_body(await request.body())
         entry = resolve_model(registry, tenant, body["model"])
-        check_limits(body, tenant, route)
-        lease = access.limiters[tenant.name].acquire()
+        meter = telemetry.meter(tenant.name, entry)
+        with meter.failures():
+            check_limits(body, tenant, route)
+            lease = access.limiters[tenant.name].acquire()
         request_id = uuid.uuid4().hex
         forwarded = upstream_body(body, route, tenant,
                                   model=entry.internal_name if entry else BASE_MODEL,
                                   cache_salt=access.cache_salts[tenant.name],
                                   request_id=request_id)
         target = Target(path=route.path, body=forwarded, entry=entry, client_model=body["model"],
-                        request_id=request_id)
+                        request_id=request_id, meter=meter,
+                        hide_usage=not client_wants_usage(body))
         return await forward(request, target, pool, registry, lease)
 
     @router.post(CHAT.path)

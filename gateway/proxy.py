@@ -1,10 +1,12 @@
 """Sending a completion request to a backend and relaying the answer, streamed or not.
 
 Only `model` is rewritten on the way back (the internal name becomes the client's name
-again; error messages are scrubbed of it too). Streams are relayed line by line as they
-arrive; however a stream ends on the client side, the upstream response is closed, which
-makes vLLM abort the generation. A non-streaming request whose client disconnects is
-cancelled for the same reason.
+again; error messages are scrubbed of it too), and a stream's `usage`, which the gateway
+always asks vLLM for, is dropped again for clients that did not ask for it. Streams are
+relayed line by line as they arrive; however a stream ends on the client side, the upstream
+response is closed, which makes vLLM abort the generation. A non-streaming request whose
+client disconnects is cancelled for the same reason. The request's meter sees the first
+token relayed, vLLM's token counts and how the request ended.
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ from starlette.types import Receive, Scope, Send
 from gateway.backend import Backend, BackendPool
 from gateway.errors import BackendError, BackendUnavailable, BackendUnreachable, error_body
 from gateway.registry import BASE_MODEL, AdapterEntry, AdapterRegistry
+from gateway.request_meter import RequestMeter
 from gateway.tenancy import Lease
 
 CLIENT_CLOSED_REQUEST = 499
+GATEWAY_TIMEOUT = 504
 T = TypeVar("T")
 
 log = logging.getLogger(__name__)
@@ -40,6 +44,8 @@ class Target:
     entry: AdapterEntry | None
     client_model: str
     request_id: str
+    meter: RequestMeter
+    hide_usage: bool = False
 
     @property
     def internal_model(self) -> str:
@@ -55,16 +61,19 @@ async def forward(request: Request, target: Target, pool: BackendPool,
     stream = target.body.get("stream") is True
     handed_off = False
     try:
-        opened = await _unless_disconnected(request, _open(target, pool, registry, stream))
+        with target.meter.failures():
+            opened = await _unless_disconnected(request, _open(target, pool, registry, stream))
         if opened is None:
+            target.meter.finish(CLIENT_CLOSED_REQUEST)
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         backend, upstream = opened
         if stream and upstream.status_code == 200:
             handed_off = True
             return UpstreamStream(upstream, target, lease, lambda: pool.mark_down(backend))
-        if stream:
-            await _read_whole(upstream)
-        return relay(upstream, target)
+        with target.meter.failures():
+            if stream:
+                await _read_whole(upstream)
+            return relay(upstream, target)
     finally:
         if not handed_off:
             lease.release()
@@ -87,6 +96,7 @@ async def _open(target: Target, pool: BackendPool, registry: AdapterRegistry,
         try:
             if target.entry is not None:
                 await registry.ensure_loaded(target.entry, backend)
+            target.meter.upstream_started()
             response = await pool.send(backend, target.path, target.body,
                                        {"X-Request-Id": target.request_id}, stream=stream)
         except BackendUnreachable:
@@ -116,6 +126,7 @@ async def _disconnect(receive: Receive) -> None:
 
 def relay(upstream: httpx.Response, target: Target) -> Response:
     """vLLM's answer with its status; `model` rewritten, errors scrubbed of internal names."""
+    target.meter.upstream_finished()
     text = upstream.text
     if upstream.status_code >= 400:
         text = target.scrub(text)
@@ -123,6 +134,11 @@ def relay(upstream: httpx.Response, target: Target) -> Response:
     try:
         data = json.loads(text)
     except ValueError:
+        data = None
+    if isinstance(data, dict):
+        target.meter.usage(data.get("usage"))
+    target.meter.finish(upstream.status_code)
+    if data is None:
         return Response(text, status_code=upstream.status_code, headers=headers,
                         media_type=upstream.headers.get("content-type"))
     if isinstance(data, dict) and "model" in data:
@@ -141,6 +157,7 @@ class UpstreamStream(StreamingResponse):
                          headers={"X-Request-Id": target.request_id, "Cache-Control": "no-cache"})
         self._upstream = upstream
         self._lease = lease
+        self._target = target
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -150,6 +167,7 @@ class UpstreamStream(StreamingResponse):
                 await self._events.aclose()
                 await self._upstream.aclose()
             self._lease.release()
+            self._target.meter.finish(CLIENT_CLOSED_REQUEST)
 
 
 async def _relay_events(upstream: httpx.Response, target: Target,
@@ -157,36 +175,70 @@ async def _relay_events(upstream: httpx.Response, target: Target,
     """vLLM's SSE lines with `model` rewritten; a broken upstream ends the stream with an
     error event and `[DONE]`, so clients see why it stopped."""
     finished = False
-    failure = "The model backend closed the stream before it finished"
+    failure, status = "The model backend closed the stream before it finished", BackendError.status
+    dropped = False
     try:
         async for line in upstream.aiter_lines():
             if line.startswith("data:"):
                 payload = line[len("data:"):].strip()
                 finished = payload == "[DONE]"
-                line = line if finished else "data: " + _rewrite_chunk(payload, target)
-            yield line + "\n"
+                line = line if finished else _rewrite_chunk(payload, target)
+            elif dropped and not line:
+                line = None  # the blank line that ended a dropped event
+            dropped = line is None
+            if line is not None:
+                yield line + "\n"
     except httpx.TimeoutException:
-        failure = "The model backend timed out during the stream"
+        failure, status = "The model backend timed out during the stream", GATEWAY_TIMEOUT
     except httpx.TransportError as exc:
         log.warning("stream %s broke: %r", target.request_id, exc)
         failure = "The model backend failed during the stream"
         on_backend_failure()
-    if not finished:
-        error = error_body(failure, BackendError.error_type, code=BackendError.code)
-        yield f"\ndata: {_dumps(error)}\n\ndata: [DONE]\n\n"
+    target.meter.upstream_finished()
+    if finished:
+        target.meter.finish(200)
+        return
+    target.meter.finish(status)
+    error = error_body(failure, BackendError.error_type, code=BackendError.code)
+    yield f"\ndata: {_dumps(error)}\n\ndata: [DONE]\n\n"
 
 
-def _rewrite_chunk(payload: str, target: Target) -> str:
+def _rewrite_chunk(payload: str, target: Target) -> str | None:
+    """The SSE line to relay for one chunk, or None to drop it (a usage-only chunk for a
+    client that did not ask for usage)."""
     try:
         chunk = json.loads(payload)
     except ValueError:
-        return payload
+        return "data: " + payload
     if not isinstance(chunk, dict):
-        return payload
+        return "data: " + payload
+    _meter_chunk(chunk, target.meter)
+    if target.hide_usage and "usage" in chunk:
+        if not chunk.get("choices"):
+            return None
+        del chunk["usage"]
     if "model" in chunk:
         chunk["model"] = target.client_model
     text = _dumps(chunk)
-    return target.scrub(text) if "error" in chunk else text
+    return "data: " + (target.scrub(text) if "error" in chunk else text)
+
+
+def _meter_chunk(chunk: dict, meter: RequestMeter) -> None:
+    if chunk.get("usage"):
+        meter.usage(chunk["usage"])
+    if any(_carries_tokens(choice) for choice in chunk.get("choices") or ()):
+        meter.token_relayed()
+
+
+def _carries_tokens(choice: object) -> bool:
+    """A completions choice with text, or a chat delta with content, reasoning or tool calls."""
+    if not isinstance(choice, dict):
+        return False
+    delta = choice.get("delta")
+    if isinstance(delta, dict):
+        return any(delta.get(key) for key in ("content", "reasoning", "reasoning_content",
+                                                "tool_calls"))
+    return bool(choice.get("text"))
 
 
 def _dumps(data: object) -> str:

@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from adapters.base_checkpoint import BaseCheckpoint
 from adapters.compiled import METADATA_FILE
@@ -44,6 +45,12 @@ class AdapterEntry:
         return f"{self.name}--{self.content_hash[:16]}"
 
 
+class RegistryObserver(Protocol):
+    def adapter_compiled(self, entry: AdapterEntry) -> None: ...
+
+    def adapter_loaded(self, entry: AdapterEntry, seconds: float) -> None: ...
+
+
 class AdapterRegistry:
     """`roots[0]` is the adapters directory; relative paths given to `add` resolve there."""
 
@@ -55,9 +62,16 @@ class AdapterRegistry:
         self._store = store
         self._roots = [Path(root) for root in roots]
         self._real_roots = [os.path.realpath(root) for root in roots]
-        self._loader = LoraLoader(pool)
+        self._loader = LoraLoader(pool, on_loaded=self._loaded)
         self._entries: dict[str, AdapterEntry] = {}
         self._lock = asyncio.Lock()
+        self._observers: list[RegistryObserver] = []
+
+    def add_observer(self, observer: RegistryObserver) -> None:
+        """Tell `observer` of every compile (those already done included) and load."""
+        self._observers.append(observer)
+        for entry in self.entries():
+            observer.adapter_compiled(entry)
 
     def get(self, name: str) -> AdapterEntry | None:
         return self._entries.get(name)
@@ -98,6 +112,8 @@ class AdapterRegistry:
                                code="adapter_exists")
             entry = await asyncio.to_thread(self._compile, name, source)
             self._entries[name] = entry
+            for observer in self._observers:
+                observer.adapter_compiled(entry)
             try:
                 for backend in load_on:
                     await self.ensure_loaded(entry, backend)
@@ -137,6 +153,13 @@ class AdapterRegistry:
         """Eager loading: every adapter onto `backend` now rather than on first use."""
         for entry in self.entries():
             await self.ensure_loaded(entry, backend)
+
+    def _loaded(self, internal_name: str, seconds: float) -> None:
+        entry = next((entry for entry in self._entries.values()
+                      if entry.internal_name == internal_name), None)
+        if entry is not None:
+            for observer in self._observers:
+                observer.adapter_loaded(entry, seconds)
 
     def _compile(self, name: str, source: Path) -> AdapterEntry:
         started = time.perf_counter()

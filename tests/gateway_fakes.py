@@ -29,6 +29,9 @@ ACME_KEY = "sk-acme-0123456789abcdef"
 GLOBEX_KEY = "sk-globex-0123456789abcdef"
 ADMIN_KEY = "sk-admin-0123456789abcdef"
 STREAM_TEXT = ("Hel", "lo", " there")
+# Chunks of a stream: vLLM's role-only first chunk, then one per token.
+STREAM_CHUNKS = 1 + len(STREAM_TEXT)
+USAGE = {"prompt_tokens": 3, "completion_tokens": len(STREAM_TEXT), "total_tokens": 6}
 
 
 @dataclass
@@ -122,7 +125,7 @@ class FakeVllm:
         chat = path == "/v1/chat/completions"
         response_id = f"{'chatcmpl' if chat else 'cmpl'}-{request_id}"
         if body.get("stream"):
-            chunks = _sse_chunks(response_id, model)
+            chunks = _sse_chunks(response_id, model, _wants_usage(body))
             if self.stream_error or self.hang_streams:
                 chunks = chunks[:-1]
             stream = FakeStream(chunks, error=self.stream_error, hang=self.hang_streams)
@@ -135,7 +138,7 @@ class FakeVllm:
         return httpx.Response(200, json={
             "id": response_id, "object": "chat.completion" if chat else "text_completion",
             "created": 1, "model": model, "choices": [choice],
-            "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}})
+            "usage": USAGE})
 
 
 async def wait_until(condition: Callable[[], bool], timeout_s: float = 10) -> None:
@@ -145,15 +148,22 @@ async def wait_until(condition: Callable[[], bool], timeout_s: float = 10) -> No
             await asyncio.sleep(0.01)
 
 
-def _sse_chunks(response_id: str, model: str) -> list[bytes]:
-    """vLLM-style chunks, with one event split across two reads."""
-    events = b"".join(
-        b"data: " + json.dumps({"id": response_id, "object": "chat.completion.chunk",
-                                "created": 1, "model": model,
-                                "choices": [{"index": 0, "delta": {"content": text}}]}).encode()
-        + b"\n\n" for text in STREAM_TEXT)
-    middle = len(events) // 2
-    return [events[:middle], events[middle:], b"data: [DONE]\n\n"]
+def _wants_usage(body: dict) -> bool:
+    options = body.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
+def _sse_chunks(response_id: str, model: str, usage: bool) -> list[bytes]:
+    """vLLM-style chunks (a role-only chunk, one per token, a usage-only chunk when asked
+    for), with one event split across two reads."""
+    header = {"id": response_id, "object": "chat.completion.chunk", "created": 1, "model": model}
+    deltas = [{"role": "assistant", "content": ""}, *({"content": text} for text in STREAM_TEXT)]
+    events = [{**header, "choices": [{"index": 0, "delta": delta}]} for delta in deltas]
+    if usage:
+        events.append({**header, "choices": [], "usage": USAGE})
+    data = b"".join(b"data: " + json.dumps(event).encode() + b"\n\n" for event in events)
+    middle = len(data) // 2
+    return [data[:middle], data[middle:], b"data: [DONE]\n\n"]
 
 
 def _vllm_error(status: int, message: str) -> httpx.Response:
@@ -180,7 +190,7 @@ def make_demo_adapters(base_dir: Path, out_dir: Path) -> Path:
 
 
 def write_config(directory: Path, base_dir: Path, adapters_dir: Path, *, extra_root: Path,
-                 backends: list[str], eager: bool) -> Path:
+                 backends: list[str], eager: bool, metrics: str = "") -> Path:
     """acme may use `caps` and `plain` (2 at a time, 64 tokens); globex may use every adapter."""
     path = directory / "gateway.toml"
     path.write_text(f"""
@@ -197,6 +207,7 @@ roots = ["{extra_root}"]
 eager = {json.dumps(eager)}
 [admin]
 api_keys = ["{ADMIN_KEY}"]
+{metrics}
 [tenants.acme]
 api_keys = ["{ACME_KEY}"]
 adapters = ["caps", "plain"]
@@ -221,22 +232,24 @@ class Gateway:
     def vllm(self) -> FakeVllm:
         return self.vllms[0]
 
-    def client(self, key: str | None = None) -> httpx.AsyncClient:
+    def client(self, key: str | None = None, *, client_host: str = "127.0.0.1",
+               ) -> httpx.AsyncClient:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        return httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app),
-                                 base_url="http://gateway", headers=headers)
+        transport = httpx.ASGITransport(app=self.app, client=(client_host, 50000))
+        return httpx.AsyncClient(transport=transport, base_url="http://gateway", headers=headers)
 
 
 async def make_gateway(tmp_path: Path, base_dir: Path, demo_adapters: Path, store_dir: Path,
-                       *vllms: FakeVllm, eager: bool = False) -> Gateway:
+                       *vllms: FakeVllm, eager: bool = False, metrics: str = "") -> Gateway:
     """A gateway over a fresh copy of the demo adapters (uploads write there), in front of
-    `vllms` (one fake by default)."""
+    `vllms` (one fake by default); `metrics` is an optional `[metrics]` TOML table."""
     vllms = vllms or (FakeVllm(),)
     adapters_dir = shutil.copytree(demo_adapters, tmp_path / "adapters")
     extra_root = tmp_path / "extra-root"
     extra_root.mkdir()
     config = load_config(write_config(tmp_path, base_dir, adapters_dir, extra_root=extra_root,
-                                      backends=[vllm.url for vllm in vllms], eager=eager))
+                                      backends=[vllm.url for vllm in vllms], eager=eager,
+                                      metrics=metrics))
     pool = BackendPool(config.engine.backends,
                        httpx.AsyncClient(transport=fake_transport(*vllms)))
     registry = AdapterRegistry(BaseCheckpoint(base_dir), CompiledStore(store_dir),

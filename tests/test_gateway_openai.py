@@ -14,6 +14,7 @@ from tests.gateway_fakes import (
     ACME_KEY,
     ADMIN_KEY,
     GLOBEX_KEY,
+    STREAM_CHUNKS,
     STREAM_TEXT,
     FakeVllm,
     make_gateway,
@@ -265,11 +266,11 @@ async def test_streaming_rewrites_model_and_passes_events_through(gateway):
     events = [line for line in response.text.split("\n") if line]
     assert events[-1] == "data: [DONE]"
     chunks = [json.loads(line[len("data: "):]) for line in events[:-1]]
-    assert [chunk["model"] for chunk in chunks] == ["caps"] * len(STREAM_TEXT)
+    assert [chunk["model"] for chunk in chunks] == ["caps"] * STREAM_CHUNKS
     assert "".join(chunk["choices"][0]["delta"]["content"] for chunk in chunks) == "".join(
         STREAM_TEXT)
     assert gateway.registry.get("caps").internal_name not in response.text
-    assert response.text.count("\n\n") == len(STREAM_TEXT) + 1
+    assert response.text.count("\n\n") == STREAM_CHUNKS + 1
 
 
 async def test_an_upstream_failure_mid_stream_ends_with_an_error_event_then_done(gateway, vllm):
@@ -282,7 +283,7 @@ async def test_an_upstream_failure_mid_stream_ends_with_an_error_event_then_done
     assert events[-1] == "data: [DONE]"
     error = json.loads(events[-2][len("data: "):])["error"]
     assert error["type"] == "server_error" and "failed during the stream" in error["message"]
-    assert len(events) == len(STREAM_TEXT) + 2
+    assert len(events) == STREAM_CHUNKS + 2
     assert not gateway.pool.any_healthy
 
 
@@ -332,7 +333,7 @@ async def test_requests_go_round_robin_and_skip_an_unreachable_backend(tmp_path,
 @pytest.mark.parametrize(("method", "path", "status"), [
     ("POST", "/v1/load_lora_adapter", 404), ("POST", "/v1/unload_lora_adapter", 404),
     ("POST", "/tokenize", 404), ("GET", "/v1/embeddings", 404), ("GET", "/docs", 404),
-    ("GET", "/openapi.json", 404), ("GET", "/metrics", 404), ("GET", CHAT, 405),
+    ("GET", "/openapi.json", 404), ("POST", "/pooling", 404), ("GET", CHAT, 405),
     ("DELETE", "/v1/models", 405),
 ])
 async def test_no_other_route_is_reachable(gateway, method, path, status):

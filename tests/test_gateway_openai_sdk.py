@@ -10,6 +10,7 @@ import pytest
 
 from tests.gateway_fakes import (
     ACME_KEY,
+    STREAM_CHUNKS,
     STREAM_TEXT,
     make_gateway,
 )
@@ -57,7 +58,7 @@ async def test_a_broken_stream_raises_in_the_client(gateway, vllm):
     with pytest.raises(openai.APIError, match="failed during the stream"):
         async for chunk in stream:
             received.append(chunk)
-    assert len(received) == len(STREAM_TEXT)
+    assert len(received) == STREAM_CHUNKS
 
 
 async def test_errors_map_to_the_sdk_exceptions(gateway):
