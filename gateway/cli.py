@@ -17,6 +17,7 @@ from adapters.default_model import prepare_default_model
 from adapters.errors import DoraGatewayError
 from adapters.merge import merge_adapter
 from adapters.store import CompiledStore
+from gateway.bench.command import add_bench_command
 from gateway.config import GatewayConfig, is_http_url, load_config
 from gateway.serve import serve
 
@@ -98,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="an already running vLLM server (repeatable); replaces "
                             "[engine] backends, and no local vLLM is started")
     serve.set_defaults(run=_serve)
+    add_bench_command(commands)
     return parser
 
 
