@@ -7,6 +7,7 @@ server as plain PEFT directories with `--lora-modules`; more go in at run time.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -64,7 +65,13 @@ def test_reloading_a_name_serves_the_new_weights(engine, default_model, random_d
     assert load_adapter(engine.base_url, "reloaded", first).status_code == 200
     before = complete(engine.base_url, "reloaded", PROMPTS[0])
     assert max_logprob_gap(default_model, first, before) < LOGPROB_TOLERANCE
+    logged_before = engine.log_path.stat().st_size
     assert unload_adapter(engine.base_url, "reloaded").status_code == 200
+    with engine.log_path.open("rb") as log:
+        log.seek(logged_before)
+        logged = log.read().decode(errors="replace")
+    freed = re.findall(r"engine LoRA slot of 'reloaded' \(id \d+\) freed: (\w+)", logged)
+    assert freed == ["True"], "the unload must free the engine's slot, not only the name"
     assert load_adapter(engine.base_url, "reloaded", second).status_code == 200
     after = complete(engine.base_url, "reloaded", PROMPTS[0])
     assert max_logprob_gap(default_model, second, after) < LOGPROB_TOLERANCE

@@ -2,7 +2,8 @@
 
 vLLM loads general plugins in every process (API server, engine core, workers). `register`
 patches vLLM's LoRA loading, slot management and linear LoRA layers (and fixes the CPU LoRA
-ops for base-model tokens, see `cpu_punica_fix`), once per process, and
+ops for base-model tokens, see `cpu_punica_fix`, and makes runtime unloading free the slot,
+see `unload`), once per process, and
 only on the vLLM release it was written against: on any other, it patches nothing and says
 so, and DoRA adapters stay refused by vLLM itself (fail closed).
 """
@@ -35,10 +36,12 @@ def register() -> None:
     from adapters.vllm_plugin.layers import patch_layers
     from adapters.vllm_plugin.loading import patch_loading
     from adapters.vllm_plugin.manager import patch_manager
+    from adapters.vllm_plugin.unload import patch_unload
 
     patch_cpu_punica()
     patch_layers()
     patch_loading()
     patch_manager()
+    patch_unload()
     _patched = True
     logger.info("dora-gateway DoRA plugin active")

@@ -7,8 +7,10 @@ so punica's token index -1 ("no adapter") picks "no scale" without a branch.
 Semantics, per token t with slot index i_t (-1 for base tokens, i.e. the last row):
     y_t = dora_scales[i_t] * (W0 x_t) + b + B~_{i_t} (A_{i_t} x_t)
 which is the base layer without bias, one gather-multiply, the bias, then vLLM's LoRA add.
-The gather-multiply is skipped (eager mode only) when no DoRA token is in the batch: the
-flag is host-side state set with the batch's LoRA mapping, so no device sync is needed.
+When every token of the batch uses the same adapter (the common case at low concurrency),
+the gather is replaced by one broadcast multiply with that slot's row. The scale step is
+skipped (eager mode only) when no DoRA token is in the batch. Which case applies is
+host-side state set with the batch's LoRA mapping, so no device sync is needed.
 """
 
 from __future__ import annotations
@@ -43,23 +45,29 @@ ROWS_ATTRIBUTE = "dora_table_rows"
 
 
 def scale_rows_by_adapter(output: torch.Tensor, table: torch.Tensor,
-                          rows: torch.Tensor) -> torch.Tensor:
+                          rows: torch.Tensor | int) -> torch.Tensor:
     """Semantics: output[t, :] *= table[rows[t], :]   (in place)
 
     Shapes: output [tokens, out], table [max_loras + 1, out], rows [tokens] (slot per token,
-    max_loras for "no adapter"; see `table_rows`).
+    max_loras for "no adapter"; see `table_rows`), or one int: the row of every token.
     """
+    if isinstance(rows, int):
+        return output.mul_(table[rows])
     if rows.shape[0] != output.shape[0]:
         rows = rows[: output.shape[0]]
     return output.mul_(table.index_select(0, rows))
 
 
-def table_rows(token_lora_indices: torch.Tensor, table_size: int) -> torch.Tensor:
-    """punica's per-token slot (-1 = no adapter) as a table row: -1 becomes the ones row.
+def table_rows(token_lora_indices: torch.Tensor, table_size: int,
+               single_slot: int | None) -> torch.Tensor | int:
+    """punica's per-token slot (-1 = no adapter) as a table row: -1 becomes the ones row;
+    just the slot when every token has the same one (`single_slot`, known on the host).
 
     Computed once per batch mapping, not per layer: on a small model every extra op per
     layer is a visible share of the step time.
     """
+    if single_slot is not None:
+        return single_slot
     return token_lora_indices % table_size
 
 

@@ -4,7 +4,7 @@ When an adapter takes a slot, each layer's scale row is filled from the adapter'
 `dora_scales` (sub-module scales gathered for packed layers such as qkv_proj); vLLM's own
 `reset_lora`/`set_lora` calls have already reset the row to ones. When the batch mapping
 changes, a host-side flag records whether any token of the batch uses a DoRA adapter, and
-the per-token table rows are computed once for all layers.
+the table rows are computed once for all layers (one slot number when all tokens share it).
 """
 
 from __future__ import annotations
@@ -39,6 +39,15 @@ def batch_has_dora(manager: LoRAModelManager, index_mapping: tuple[int, ...]) ->
     return any(getattr(manager._registered_adapters.get(i), "dora_scales", None) for i in ids)
 
 
+def single_slot(manager: LoRAModelManager, index_mapping: tuple[int, ...]) -> int | None:
+    """The slot every token of the batch uses, or None when tokens differ (or none has an
+    adapter; lora id 0 means none)."""
+    ids = set(index_mapping)
+    if len(ids) != 1 or 0 in ids:
+        return None
+    return manager.lora_index_to_id.index(next(iter(ids)))
+
+
 def patch_manager() -> None:
     original_activate = LoRAModelManager.activate_adapter
     original_set_mapping = LoRAModelManager._set_adapter_mapping
@@ -52,11 +61,12 @@ def patch_manager() -> None:
     def _set_adapter_mapping(self, mapping) -> None:
         original_set_mapping(self, mapping)
         active = batch_has_dora(self, mapping.index_mapping)
+        slot = single_slot(self, mapping.index_mapping) if active else None
         for wrapper in self.punica_wrapper_mapping.values():
             setattr(wrapper, BATCH_FLAG, active)
             if active:
                 setattr(wrapper, ROWS_ATTRIBUTE,
-                        table_rows(wrapper.token_lora_indices, self.lora_slots + 1))
+                        table_rows(wrapper.token_lora_indices, self.lora_slots + 1, slot))
 
     LoRAModelManager.activate_adapter = activate_adapter
     LoRAModelManager._set_adapter_mapping = _set_adapter_mapping
