@@ -15,6 +15,7 @@ import time
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.engine import LOGPROB_TOLERANCE
 from tests.gateway_process import (
@@ -214,3 +215,31 @@ def test_a_client_that_disconnects_aborts_its_generation_in_vllm(real_gateway, e
     while running_requests(engine.base_url) > 0:
         assert time.monotonic() < deadline, "vLLM kept generating for a client that left"
         time.sleep(0.5)
+
+
+def scraped(gateway: GatewayProcess, name: str, **labels: str) -> float:
+    """One sample of the gateway's `/metrics` (0 if the series does not exist yet)."""
+    text = httpx.get(gateway.url + "/metrics", timeout=30).text
+    return sum(sample.value for family in text_string_to_metric_families(text)
+               for sample in family.samples
+               if sample.name == name and set(labels.items()) <= set(sample.labels.items()))
+
+
+def test_metrics_count_vllms_tokens_and_usage_reaches_only_clients_that_ask(real_gateway):
+    labels = {"tenant": "globex", "adapter": "pirate", "adapter_type": "dora"}
+    tokens_before = scraped(real_gateway, "dora_gateway_completion_tokens_total", **labels)
+    ttft_before = scraped(real_gateway, "dora_gateway_time_to_first_token_seconds_count",
+                          **labels)
+    request = {"model": "pirate", "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0,
+               "stream": True}
+    hidden = list(sdk(real_gateway).completions.create(**request))
+    shown = list(sdk(real_gateway).completions.create(
+        **request, stream_options={"include_usage": True}))
+    assert all(chunk.usage is None for chunk in hidden)
+    usage = shown[-1].usage
+    assert shown[-1].choices == [] and usage.completion_tokens > 0
+    # Greedy and the same prompt: both requests generated the same tokens.
+    tokens = scraped(real_gateway, "dora_gateway_completion_tokens_total", **labels)
+    assert tokens - tokens_before == 2 * usage.completion_tokens
+    assert scraped(real_gateway, "dora_gateway_time_to_first_token_seconds_count",
+                   **labels) - ttft_before == 2
