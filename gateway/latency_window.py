@@ -7,13 +7,13 @@ keeps the recent requests themselves (a few numbers each, bounded per adapter).
 
 from __future__ import annotations
 
-import math
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway.request_record import BASE, RequestRecord
+from gateway.stats import percentile
 
 DEFAULT_WINDOW_S = 300.0
 MAX_SAMPLES_PER_ADAPTER = 10_000
@@ -82,15 +82,6 @@ class LatencyWindow:
             "tpot_p50_ms": _ms(percentile(tpots, 50)),
             "tpot_p95_ms": _ms(percentile(tpots, 95)),
         }
-
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """Nearest-rank percentile (a value that was observed), None for no values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q / 100 * len(ordered)))
-    return ordered[rank - 1]
 
 
 def _ms(seconds: float | None) -> float | None:

@@ -30,8 +30,9 @@ from gateway.bench.load import (
     prompt,
     run_bench,
 )
-from gateway.bench.report import percentile, summarize, table
+from gateway.bench.report import summarize, table
 from gateway.cli import build_parser, main
+from gateway.stats import percentile
 from gateway.vllm_process import free_port
 from tests.conftest import TEST_OUTPUT
 from tests.gateway_fakes import GLOBEX_KEY

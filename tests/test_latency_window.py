@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.latency_window import LatencyWindow, percentile
+from gateway.latency_window import LatencyWindow
 from gateway.request_record import RequestRecord
+from gateway.stats import percentile
 
 
 class Clock:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import platform
 from collections import Counter
@@ -19,6 +18,7 @@ from datetime import datetime
 from pathlib import Path
 
 from gateway.bench.load import BenchSettings, Measurement
+from gateway.stats import percentile
 
 
 @dataclass(frozen=True)
@@ -36,14 +36,6 @@ class ModelSummary:
     tpot_vs_base: float | None  # TPOT p50 / the base model's TPOT p50
     twin: str | None
     tpot_vs_twin: float | None  # TPOT p50 / the LoRA twin's TPOT p50
-
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """Nearest rank: always a value that was observed; None for no values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[max(1, math.ceil(q / 100 * len(ordered))) - 1]
 
 
 def ratio(value: float | None, other: float | None) -> float | None:
