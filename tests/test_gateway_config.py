@@ -210,6 +210,19 @@ def test_serve_reports_a_bad_config_and_exits_1(tmp_path, capsys):
 def test_the_example_config_is_valid():
     example = Path(__file__).resolve().parent.parent / "gateway" / "example-config.toml"
     config = load_config(example, {"DORA_GATEWAY_SALT": "salt", "ACME_API_KEY": KEY,
-                                   "DORA_GATEWAY_ADMIN_KEY": "admin-0123456789abcdef"})
+                                   "DORA_GATEWAY_ADMIN_KEY": "admin-0123456789abcdef",
+                                   "DORA_GATEWAY_METRICS_KEY": "metrics-0123456789abcdef"})
     assert config.adapters.dir == paths.demo_adapters_dir()
+    assert (config.metrics.access, len(config.metrics.key_digests)) == ("local", 1)
     assert [tenant.name for tenant in config.tenants] == ["acme", "globex"]
+
+
+def test_metrics_defaults_and_every_bad_value_reported(tmp_path):
+    assert load_config(write(tmp_path, MINIMAL)).metrics.access == "local"
+    with pytest.raises(ConfigError) as error:
+        load_config(write(tmp_path, '[metrics]\naccess = "public"\nwindow_seconds = 0\n'
+                                    'api_keys = ["short"]\n' + MINIMAL))
+    problems = "\n".join(error.value.problems)
+    assert "metrics.access: 'public' is not one of ['local', 'key', 'open']" in problems
+    assert "metrics.window_seconds: must be between 1 and 86400" in problems
+    assert "metrics.api_keys[0]" in problems
