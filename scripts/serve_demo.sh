@@ -32,5 +32,11 @@ answer = client.chat.completions.create(model='pirate', max_tokens=64,
     messages=[{'role': 'user', 'content': 'What is the sea?'}])
 print(answer.choices[0].message.content)"
 
+Live latency per adapter: $url/dashboard    Prometheus metrics: $url/metrics
+What each adapter costs against the base model and its LoRA twin:
+
+  $bin/dora-gateway bench --url $url --api-key sk-demo-globex-NOT-A-SECRET \
+    --model base --model caps --model caps-lora --lora-twin caps=caps-lora
+
 EXAMPLE
 wait "$gateway"
