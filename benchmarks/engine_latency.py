@@ -1,6 +1,7 @@
 """Benchmark: what DoRA costs inside vLLM, against plain LoRA with the same A and B.
 
-    python -m benchmarks.engine_latency [--rounds 6] [--tokens 64] [--part engine|peft|all]
+    python -m benchmarks.engine_latency [--rounds 6] [--tokens 64]
+                                        [--part engine|peft|all|paired] [--pairs 12]
 
 One vLLM engine (CPU, float32, our plugin) serves the base model, a random r=8 DoRA adapter
 on all linear layers of the default model, and its plain-LoRA twin (same A and B, no
@@ -8,6 +9,8 @@ magnitude). Streams are timed from the client: time to first token (TTFT) and ti
 output token after the first (TPOT). Scenarios run interleaved, round by round, so that
 drift on a shared machine hits every model alike. Then PEFT's own unmerged forward (base,
 LoRA, DoRA, DoRA with PEFT's weight-norm caching) is timed on the same model for scale.
+`--part paired` measures only DoRA against LoRA, in back-to-back pairs (order alternating),
+and reports the median of the per-pair ratios: the machine's drift cancels within a pair.
 """
 
 from __future__ import annotations
@@ -94,6 +97,25 @@ def bench_engine(adapters: dict[str, Path], rounds: int, tokens: int, log: Path)
         print(f"DoRA / LoRA median TPOT at {streams}: {dora / lora:.3f}")
 
 
+def bench_paired(adapters: dict[str, Path], pairs: int, tokens: int, log: Path) -> None:
+    settings = EngineSettings(model=paths.default_model_dir(), max_loras=4,
+                              lora_modules=adapters)
+    ratios: dict[int, list[float]] = {1: [], 4: []}
+    with VllmServer(settings, log_path=log) as server:
+        run_scenario(server.base_url, ["lora", "dora"], 8)  # warm-up
+        for pair in range(pairs):
+            order = ("lora", "dora") if pair % 2 == 0 else ("dora", "lora")
+            for streams, values in ratios.items():
+                tpot = {model: statistics.median(
+                    result[2] for result in run_scenario(server.base_url, [model] * streams,
+                                                         tokens)) for model in order}
+                values.append(tpot["dora"] / tpot["lora"])
+    for streams, values in ratios.items():
+        low, _, high = statistics.quantiles(values, n=4)
+        print(f"DoRA / LoRA TPOT, {streams} stream(s), {len(values)} pairs: median "
+              f"{statistics.median(values):.4f} (quartiles {low:.4f} - {high:.4f})")
+
+
 def peft_seconds_per_token(model: torch.nn.Module, ids: torch.Tensor, tokens: int) -> float:
     times = []
     for _ in range(3):
@@ -122,7 +144,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--part", choices=["engine", "peft", "all"], default="all")
+    parser.add_argument("--part", choices=["engine", "peft", "all", "paired"], default="all")
+    parser.add_argument("--pairs", type=int, default=12)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as work:
         work_dir = Path(work)
@@ -133,6 +156,8 @@ def main() -> None:
             bench_engine(adapters, args.rounds, args.tokens, work_dir / "vllm.log")
         if args.part in ("peft", "all"):
             bench_peft(adapters, args.tokens)
+        if args.part == "paired":
+            bench_paired(adapters, args.pairs, args.tokens, work_dir / "vllm.log")
 
 
 if __name__ == "__main__":

@@ -45,17 +45,25 @@ ROWS_ATTRIBUTE = "dora_table_rows"
 
 
 def scale_rows_by_adapter(output: torch.Tensor, table: torch.Tensor,
-                          rows: torch.Tensor | int) -> torch.Tensor:
+                          rows: torch.Tensor) -> torch.Tensor:
     """Semantics: output[t, :] *= table[rows[t], :]   (in place)
 
     Shapes: output [tokens, out], table [max_loras + 1, out], rows [tokens] (slot per token,
-    max_loras for "no adapter"; see `table_rows`), or one int: the row of every token.
+    max_loras for "no adapter"; see `table_rows`).
     """
-    if isinstance(rows, int):
-        return output.mul_(table[rows])
     if rows.shape[0] != output.shape[0]:
         rows = rows[: output.shape[0]]
     return output.mul_(table.index_select(0, rows))
+
+
+def scale_by_slot(output: torch.Tensor, slot_rows: tuple[torch.Tensor, ...],
+                  slot: int) -> torch.Tensor:
+    """Semantics: output[t, :] *= table[slot, :] for every t   (in place)
+
+    Shapes: output [tokens, out], slot_rows: the table's rows as views, [out] each (made once:
+    indexing the table per layer and step would cost as much as the multiply itself).
+    """
+    return output.mul_(slot_rows[slot])
 
 
 def table_rows(token_lora_indices: torch.Tensor, table_size: int,
@@ -92,6 +100,7 @@ def allocate_scales(layer: BaseLinearLayerWithLoRA, max_loras: int) -> None:
     out_local = sum(layer.output_slices)
     layer.dora_scales = torch.ones(max_loras + 1, out_local, dtype=layer.lora_config.lora_dtype,
                                    device=layer.device)
+    layer.dora_slot_rows = layer.dora_scales.unbind(0)  # views: the table is only set in place
 
 
 def reset_scale(layer: BaseLinearLayerWithLoRA, index: int) -> None:
@@ -127,7 +136,11 @@ def _scaled_base_output(layer: BaseLinearLayerWithLoRA, x: torch.Tensor,
                         bias: torch.Tensor | None) -> torch.Tensor:
     output = layer._get_quant_method().apply(layer.base_layer, x, None)
     flat = output.flatten(0, -2) if output.ndim == 3 else output
-    scale_rows_by_adapter(flat, layer.dora_scales, getattr(layer.punica_wrapper, ROWS_ATTRIBUTE))
+    rows = getattr(layer.punica_wrapper, ROWS_ATTRIBUTE)
+    if isinstance(rows, int):
+        scale_by_slot(flat, layer.dora_slot_rows, rows)
+    else:
+        scale_rows_by_adapter(flat, layer.dora_scales, rows)
     return output if bias is None else output.add_(bias)
 
 
