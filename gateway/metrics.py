@@ -37,9 +37,11 @@ class GatewayMetrics:
                                     "Per request: time after the first token divided by "
                                     "the further tokens (streams)", TPOT_BUCKETS)
         self.e2e = self._histogram("request_duration_seconds",
-                                   "Time from request accepted to answer complete", E2E_BUCKETS)
+                                   "Time from request accepted to answer complete "
+                                   "(successful requests)", E2E_BUCKETS)
         self.upstream = self._histogram("upstream_duration_seconds",
-                                        "Time spent waiting on the vLLM backend", E2E_BUCKETS)
+                                        "Time spent in the vLLM call (successful requests)",
+                                        E2E_BUCKETS)
         self.requests = Counter(f"{PREFIX}_requests", "Completion requests by final status",
                                 (*REQUEST_LABELS, "status"), registry=self.registry)
         self.prompt_tokens = Counter(f"{PREFIX}_prompt_tokens", "Prompt tokens (vLLM usage)",
@@ -63,10 +65,10 @@ class GatewayMetrics:
     def observe(self, record: RequestRecord) -> None:
         labels = (record.tenant, record.adapter, record.adapter_type)
         self.requests.labels(*labels, str(record.status)).inc()
-        self.upstream.labels(*labels).observe(record.upstream_seconds)
         if not record.ok:
             return
         self.e2e.labels(*labels).observe(record.e2e_seconds)
+        self.upstream.labels(*labels).observe(record.upstream_seconds)
         if record.ttft_seconds is not None:
             self.ttft.labels(*labels).observe(record.ttft_seconds)
         if record.tpot_seconds is not None:

@@ -182,6 +182,9 @@ async def _relay_events(upstream: httpx.Response, target: Target,
             if line.startswith("data:"):
                 payload = line[len("data:"):].strip()
                 finished = payload == "[DONE]"
+                if finished:  # complete, even if the client leaves before the stream closes
+                    target.meter.upstream_finished()
+                    target.meter.finish(200)
                 line = line if finished else _rewrite_chunk(payload, target)
             elif dropped and not line:
                 line = None  # the blank line that ended a dropped event
@@ -194,10 +197,9 @@ async def _relay_events(upstream: httpx.Response, target: Target,
         log.warning("stream %s broke: %r", target.request_id, exc)
         failure = "The model backend failed during the stream"
         on_backend_failure()
-    target.meter.upstream_finished()
     if finished:
-        target.meter.finish(200)
         return
+    target.meter.upstream_finished()
     target.meter.finish(status)
     error = error_body(failure, BackendError.error_type, code=BackendError.code)
     yield f"\ndata: {_dumps(error)}\n\ndata: [DONE]\n\n"
