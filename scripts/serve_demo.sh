@@ -35,7 +35,7 @@ print(answer.choices[0].message.content)"
 Live latency per adapter: $url/dashboard    Prometheus metrics: $url/metrics
 What each adapter costs against the base model and its LoRA twin:
 
-  $bin/dora-gateway bench --url $url --api-key sk-demo-globex-NOT-A-SECRET \
+  $bin/dora-gateway bench --url $url --api-key sk-demo-globex-NOT-A-SECRET \\
     --model base --model caps --model caps-lora --lora-twin caps=caps-lora
 
 EXAMPLE
