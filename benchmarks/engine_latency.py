@@ -1,7 +1,7 @@
 """Benchmark: what DoRA costs inside vLLM, against plain LoRA with the same A and B.
 
     python -m benchmarks.engine_latency [--rounds 6] [--tokens 64]
-                                        [--part engine|peft|all|paired] [--pairs 12]
+                                        [--part engine|peft|all|paired] [--pairs 12] [--pin]
 
 One vLLM engine (CPU, float32, our plugin) serves the base model, a random r=8 DoRA adapter
 on all linear layers of the default model, and its plain-LoRA twin (same A and B, no
@@ -11,6 +11,7 @@ drift on a shared machine hits every model alike. Then PEFT's own unmerged forwa
 LoRA, DoRA, DoRA with PEFT's weight-norm caching) is timed on the same model for scale.
 `--part paired` measures only DoRA against LoRA, in back-to-back pairs (order alternating),
 and reports the median of the per-pair ratios: the machine's drift cancels within a pair.
+`--pin` keeps vLLM's worker threads alone on CPU 0 (see `benchmarks/pinning.py`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from peft.helpers import DoraCaching
 from transformers import AutoTokenizer
 
 from adapters import paths
+from benchmarks.pinning import pin_worker_apart
 from gateway.vllm_process import EngineSettings, VllmServer
 from tests.factories import LLAMA_TARGETS, load_base, load_peft, random_adapter
 from tests.test_engine_dora import without_magnitude
@@ -72,9 +74,12 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=20)[int(q * 20) - 1] if len(values) > 1 else values[0]
 
 
-def bench_engine(adapters: dict[str, Path], rounds: int, tokens: int, log: Path) -> None:
-    settings = EngineSettings(model=paths.default_model_dir(), max_loras=4,
-                              lora_modules=adapters)
+def engine_settings(adapters: dict[str, Path], extra_env: dict[str, str]) -> EngineSettings:
+    return EngineSettings(model=paths.default_model_dir(), max_loras=4, lora_modules=adapters,
+                          extra_env=extra_env)
+
+
+def bench_engine(settings: EngineSettings, rounds: int, tokens: int, log: Path) -> None:
     with VllmServer(settings, log_path=log) as server:
         run_scenario(server.base_url, ["base", "lora", "dora"], 8)  # warm-up
         samples: dict[tuple[str, str], list[tuple[float, float]]] = {}
@@ -97,9 +102,7 @@ def bench_engine(adapters: dict[str, Path], rounds: int, tokens: int, log: Path)
         print(f"DoRA / LoRA median TPOT at {streams}: {dora / lora:.3f}")
 
 
-def bench_paired(adapters: dict[str, Path], pairs: int, tokens: int, log: Path) -> None:
-    settings = EngineSettings(model=paths.default_model_dir(), max_loras=4,
-                              lora_modules=adapters)
+def bench_paired(settings: EngineSettings, pairs: int, tokens: int, log: Path) -> None:
     ratios: dict[int, list[float]] = {1: [], 4: []}
     with VllmServer(settings, log_path=log) as server:
         run_scenario(server.base_url, ["lora", "dora"], 8)  # warm-up
@@ -146,18 +149,23 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--part", choices=["engine", "peft", "all", "paired"], default="all")
     parser.add_argument("--pairs", type=int, default=12)
+    parser.add_argument("--pin", action="store_true",
+                        help="vLLM's worker threads on CPU 0, everything else on CPU 1")
     args = parser.parse_args()
+    extra_env = pin_worker_apart() if args.pin else {}
     with tempfile.TemporaryDirectory() as work:
         work_dir = Path(work)
         dora = random_adapter(paths.default_model_dir(), work_dir / "dora", r=8, lora_alpha=16,
                               target_modules=LLAMA_TARGETS, use_dora=True)
         adapters = {"dora": dora, "lora": without_magnitude(dora, work_dir / "lora")}
         if args.part in ("engine", "all"):
-            bench_engine(adapters, args.rounds, args.tokens, work_dir / "vllm.log")
+            bench_engine(engine_settings(adapters, extra_env), args.rounds, args.tokens,
+                         work_dir / "vllm.log")
         if args.part in ("peft", "all"):
             bench_peft(adapters, args.tokens)
         if args.part == "paired":
-            bench_paired(adapters, args.pairs, args.tokens, work_dir / "vllm.log")
+            bench_paired(engine_settings(adapters, extra_env), args.pairs, args.tokens,
+                         work_dir / "vllm.log")
 
 
 if __name__ == "__main__":

@@ -10,17 +10,15 @@ the gateway, alternating which goes first, at 1 and at 8 concurrent streams. Als
 the time the gateway itself spends per request outside the upstream call, from its own
 `/metrics` (request duration minus upstream duration).
 
-On a 2-core host the gateway, the client and vLLM's front end share cores with vLLM's OpenMP
-worker threads, whose parallel regions stall whenever one of them is preempted. `--pin` runs
-vLLM's worker threads alone on CPU 0 and everything else on CPU 1, so the hop is measured
-without that interference (as on a serving host, where the gateway has cores of its own).
+`--pin` runs vLLM's worker threads alone on CPU 0 and everything else on CPU 1 (see
+`benchmarks/pinning.py`), so the hop is measured without their interference (as on a serving
+host, where the gateway has cores of its own).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +27,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from adapters import paths
+from benchmarks.pinning import pin_worker_apart
 from gateway.bench.load import BenchSettings, Measurement, make_client, run_bench
 from gateway.stats import percentile
 from gateway.vllm_process import EngineSettings, VllmServer
@@ -118,10 +117,7 @@ def main() -> None:
                         help="vLLM's worker threads on CPU 0, everything else on CPU 1")
     args = parser.parse_args()
     demo = paths.demo_adapters_dir()
-    extra_env = {}
-    if args.pin:
-        os.sched_setaffinity(0, {1})  # inherited by the gateway and vLLM's processes
-        extra_env["VLLM_CPU_OMP_THREADS_BIND"] = "0"
+    extra_env = pin_worker_apart() if args.pin else {}
     with tempfile.TemporaryDirectory() as work:
         work_dir = Path(work)
         settings = EngineSettings(model=paths.default_model_dir(), max_loras=4,
