@@ -41,7 +41,7 @@ DORA_LAYER_TYPES = (
     RowParallelLinearWithLoRA,
 )
 BATCH_FLAG = "dora_batch_active"
-ROWS_ATTRIBUTE = "dora_table_rows"
+ROWS_ATTRIBUTE = "dora_table_rows"  # per-token rows (a tensor), or the one slot of all (an int)
 
 
 def scale_rows_by_adapter(output: torch.Tensor, table: torch.Tensor,
@@ -66,16 +66,12 @@ def scale_by_slot(output: torch.Tensor, slot_rows: tuple[torch.Tensor, ...],
     return output.mul_(slot_rows[slot])
 
 
-def table_rows(token_lora_indices: torch.Tensor, table_size: int,
-               single_slot: int | None) -> torch.Tensor | int:
-    """punica's per-token slot (-1 = no adapter) as a table row: -1 becomes the ones row;
-    just the slot when every token has the same one (`single_slot`, known on the host).
+def table_rows(token_lora_indices: torch.Tensor, table_size: int) -> torch.Tensor:
+    """punica's per-token slot (-1 = no adapter) as a table row: -1 becomes the ones row.
 
     Computed once per batch mapping, not per layer: on a small model every extra op per
     layer is a visible share of the step time.
     """
-    if single_slot is not None:
-        return single_slot
     return token_lora_indices % table_size
 
 

@@ -65,8 +65,9 @@ def patch_manager() -> None:
         for wrapper in self.punica_wrapper_mapping.values():
             setattr(wrapper, BATCH_FLAG, active)
             if active:
-                setattr(wrapper, ROWS_ATTRIBUTE,
-                        table_rows(wrapper.token_lora_indices, self.lora_slots + 1, slot))
+                rows = (slot if slot is not None
+                        else table_rows(wrapper.token_lora_indices, self.lora_slots + 1))
+                setattr(wrapper, ROWS_ATTRIBUTE, rows)
 
     LoRAModelManager.activate_adapter = activate_adapter
     LoRAModelManager._set_adapter_mapping = _set_adapter_mapping
