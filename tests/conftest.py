@@ -14,6 +14,7 @@ from adapters.default_model import prepare_default_model
 from gateway.vllm_process import EngineSettings, VllmServer
 from tests.factories import LLAMA_TARGETS, random_adapter, tiny_gpt2, tiny_llama
 from tests.gateway_process import GatewayProcess, write_config
+from tests.vllm_layers import single_process_vllm
 
 pytest_plugins = ["tests.gateway_fixtures"]
 
@@ -45,6 +46,13 @@ def llama_bf16_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def gpt2_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_gpt2(tmp_path_factory.mktemp("gpt2"))
+
+
+@pytest.fixture(scope="session")
+def vllm_context() -> Iterator[None]:
+    """vLLM's config and a one-rank process group, for building its layers in this process."""
+    with single_process_vllm():
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -5,13 +5,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 
-import pytest
 import torch
-from vllm.config import VllmConfig, set_current_vllm_config
 from vllm.config.lora import LoRAConfig
-from vllm.distributed import init_distributed_environment, initialize_model_parallel
 from vllm.lora.layers import (
     ColumnParallelLinearWithLoRA,
     ColumnParallelLinearWithShardedLoRA,
@@ -32,19 +28,9 @@ import adapters.vllm_plugin as plugin
 from adapters.base_checkpoint import BaseCheckpoint
 from adapters.store import CompiledStore
 from adapters.vllm_plugin.layers import dora_unsupported_reason
-from gateway.vllm_process import free_port
 from tests.factories import LLAMA_TARGETS, random_adapter
 
 AWQ = {"bits": 4, "group_size": 64, "zero_point": True, "version": "gemm", "quant_method": "awq"}
-
-
-@pytest.fixture(scope="module")
-def vllm_context() -> Iterator[None]:
-    with set_current_vllm_config(VllmConfig()):
-        init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
-                                     distributed_init_method=f"tcp://127.0.0.1:{free_port()}")
-        initialize_model_parallel(1, 1)
-        yield
 
 
 def lora_layer(layer_cls, base, fully_sharded: bool = False) -> BaseLinearLayerWithLoRA:

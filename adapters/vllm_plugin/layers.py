@@ -25,6 +25,7 @@ from vllm.lora.layers.column_parallel_linear import (
     QKVParallelLinearWithLoRA,
 )
 from vllm.lora.layers.row_parallel_linear import RowParallelLinearWithLoRA
+from vllm.lora.punica_wrapper.punica_base import PunicaWrapperBase
 from vllm.model_executor.layers.linear import (
     MergedColumnParallelLinear,
     QKVParallelLinear,
@@ -73,6 +74,17 @@ def table_rows(token_lora_indices: torch.Tensor, table_size: int) -> torch.Tenso
     layer is a visible share of the step time.
     """
     return token_lora_indices % table_size
+
+
+def mark_batch(wrapper: PunicaWrapperBase, has_dora: bool, slot: int | None,
+               table_size: int) -> None:
+    """Record on a punica wrapper, once per batch mapping, what every layer's forward reads:
+    whether any token is DoRA, and the table rows to scale by (`slot`: the one slot all
+    tokens use, or None for per-token rows)."""
+    setattr(wrapper, BATCH_FLAG, has_dora)
+    if has_dora:
+        rows = slot if slot is not None else table_rows(wrapper.token_lora_indices, table_size)
+        setattr(wrapper, ROWS_ATTRIBUTE, rows)
 
 
 def dora_unsupported_reason(layer: BaseLinearLayerWithLoRA) -> str | None:

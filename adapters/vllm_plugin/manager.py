@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from vllm.lora.model_manager import LoRAModelManager
 
-from adapters.vllm_plugin.layers import BATCH_FLAG, ROWS_ATTRIBUTE, set_scale, table_rows
+from adapters.vllm_plugin.layers import mark_batch, set_scale
 
 
 def _layer_scales(manager: LoRAModelManager, lora_model, module_name: str,
@@ -63,11 +63,7 @@ def patch_manager() -> None:
         active = batch_has_dora(self, mapping.index_mapping)
         slot = single_slot(self, mapping.index_mapping) if active else None
         for wrapper in self.punica_wrapper_mapping.values():
-            setattr(wrapper, BATCH_FLAG, active)
-            if active:
-                rows = (slot if slot is not None
-                        else table_rows(wrapper.token_lora_indices, self.lora_slots + 1))
-                setattr(wrapper, ROWS_ATTRIBUTE, rows)
+            mark_batch(wrapper, active, slot, self.lora_slots + 1)
 
     LoRAModelManager.activate_adapter = activate_adapter
     LoRAModelManager._set_adapter_mapping = _set_adapter_mapping

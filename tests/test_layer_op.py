@@ -1,0 +1,82 @@
+"""The plugin's layer op in vLLM's real LoRA layers, token by token against the formula
+    y_t = s_t * (W0 x_t) + B_t (A_t x_t) + b
+(s_t = 1 and no B, A for base-model tokens, s_t = 1 for LoRA tokens), on every path the
+forward can take: no DoRA token (vLLM's own path), one DoRA slot for the whole batch (a
+broadcast multiply), and mixed batches (per-token rows), base tokens included."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import adapters.vllm_plugin as plugin
+from tests.vllm_layers import (
+    DORA_SLOT,
+    LORA_SLOT,
+    BlockShapes,
+    load_slot,
+    lora_block,
+    random_slot_weights,
+    select_batch,
+)
+
+SHAPES = BlockShapes(hidden=64, intermediate=96, heads=4, kv_heads=2, head_dim=16)
+RANK = 4  # below the slots' max rank, 8: vLLM pads, as for a real adapter
+MAX_RANK = 8
+BATCHES = {
+    "base only": [None, None],
+    "lora only": [LORA_SLOT, LORA_SLOT, LORA_SLOT],
+    "one dora slot": [DORA_SLOT, DORA_SLOT, DORA_SLOT],
+    "mixed": [None, LORA_SLOT, DORA_SLOT, DORA_SLOT, LORA_SLOT, None],
+}
+
+
+@pytest.fixture(scope="module")
+def block(vllm_context):
+    """The layers, and per layer the adapter weights loaded into both slots."""
+    plugin.register()
+    generator = torch.Generator().manual_seed(0)
+    block = lora_block(SHAPES, MAX_RANK, max_tokens=8, generator=generator, bias=True)
+    weights = {}
+    for name, layer in block.layers.items():
+        a, b, s = random_slot_weights(layer, RANK, generator)
+        b = [10 * b_i for b_i in b]  # a LoRA term well above float32 rounding
+        load_slot(layer, LORA_SLOT, a, b, None)
+        load_slot(layer, DORA_SLOT, a, b, s)
+        weights[name] = (*block.base_weights[name], a, b, s)
+    return block, weights
+
+
+def expected(x: torch.Tensor, slots, w0, bias, a, b, s) -> torch.Tensor:
+    rows = []
+    for x_t, slot in zip(x, slots, strict=True):
+        y_t = w0 @ x_t
+        if slot is not None:
+            lora = torch.cat([b_i @ (a_i @ x_t) for a_i, b_i in zip(a, b, strict=True)])
+            scale = torch.cat(s) if slot == DORA_SLOT else torch.ones_like(y_t)
+            y_t = scale * y_t + lora
+        rows.append(y_t + bias)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+def test_layer_outputs_follow_the_formula_per_token(block, batch):
+    block, weights = block
+    slots = BATCHES[batch]
+    select_batch(block.wrapper, slots)
+    for name, layer in block.layers.items():
+        x = torch.randn(len(slots), layer.input_size, generator=torch.Generator().manual_seed(1))
+        output, _ = layer(x)
+        torch.testing.assert_close(output, expected(x, slots, *weights[name]),
+                                   rtol=1e-5, atol=1e-6, msg=f"{name}, {batch}")
+
+
+def test_the_dora_slot_differs_from_its_lora_twin(block):
+    """The scale really is applied: the same A and B without it give other outputs."""
+    block, _ = block
+    outputs = {}
+    for slot in (LORA_SLOT, DORA_SLOT):
+        select_batch(block.wrapper, [slot])
+        x = torch.randn(1, SHAPES.hidden, generator=torch.Generator().manual_seed(2))
+        outputs[slot] = block.layers["qkv_proj"](x)[0]
+    assert (outputs[LORA_SLOT] - outputs[DORA_SLOT]).abs().max() > 1e-3
