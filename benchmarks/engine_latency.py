@@ -1,7 +1,8 @@
 """Benchmark: what DoRA costs inside vLLM, against plain LoRA with the same A and B.
 
     python -m benchmarks.engine_latency [--rounds 6] [--tokens 64]
-                                        [--part engine|peft|all|paired] [--pairs 12] [--pin]
+                                        [--part engine|peft|all|paired] [--pairs 30]
+                                        [--streams 1 4] [--pin]
 
 One vLLM engine (CPU, float32, our plugin) serves the base model, a random r=8 DoRA adapter
 on all linear layers of the default model, and its plain-LoRA twin (same A and B, no
@@ -9,19 +10,23 @@ magnitude). Streams are timed from the client: time to first token (TTFT) and ti
 output token after the first (TPOT). Scenarios run interleaved, round by round, so that
 drift on a shared machine hits every model alike. Then PEFT's own unmerged forward (base,
 LoRA, DoRA, DoRA with PEFT's weight-norm caching) is timed on the same model for scale.
-`--part paired` measures only DoRA against LoRA, in back-to-back pairs (order alternating),
-and reports the median of the per-pair ratios: the machine's drift cancels within a pair.
+`--part paired` measures only DoRA against LoRA, in back-to-back pairs (order alternating):
+each side's decode step is the median of its token-to-token intervals (robust to preempted
+steps), the pair's ratio cancels the machine's drift, and the median of the pair ratios is
+reported with a distribution-free 95% confidence interval (`benchmarks/paired_stats.py`).
 `--pin` keeps vLLM's worker threads alone on CPU 0 (see `benchmarks/pinning.py`).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -30,6 +35,7 @@ from peft.helpers import DoraCaching
 from transformers import AutoTokenizer
 
 from adapters import paths
+from benchmarks.paired_stats import median_with_interval
 from benchmarks.pinning import pin_worker_apart
 from gateway.vllm_process import EngineSettings, VllmServer
 from tests.factories import LLAMA_TARGETS, load_base, load_peft, random_adapter
@@ -43,8 +49,30 @@ SCENARIOS = {
 }
 
 
-def stream_once(base_url: str, model: str, tokens: int) -> tuple[float, float]:
-    """(TTFT seconds, mean seconds per output token after the first) of one stream."""
+@dataclass(frozen=True)
+class Stream:
+    """One streamed request: when it was sent and when each text chunk arrived (seconds)."""
+
+    model: str
+    sent: float
+    stamps: tuple[float, ...]
+
+    @property
+    def ttft(self) -> float:
+        return self.stamps[0] - self.sent
+
+    @property
+    def tpot(self) -> float:
+        """Mean seconds per output token after the first."""
+        return (self.stamps[-1] - self.stamps[0]) / (len(self.stamps) - 1)
+
+    @property
+    def intervals(self) -> list[float]:
+        """Token-to-token times: one decode step each (the engine streams every step)."""
+        return [later - earlier for earlier, later in itertools.pairwise(self.stamps)]
+
+
+def stream_once(base_url: str, model: str, tokens: int) -> Stream:
     body = {"model": model, "prompt": PROMPT, "max_tokens": tokens, "min_tokens": tokens,
             "ignore_eos": True, "temperature": 0, "stream": True}
     started = time.perf_counter()
@@ -53,14 +81,14 @@ def stream_once(base_url: str, model: str, tokens: int) -> tuple[float, float]:
         for line in response.iter_lines():
             if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["text"]:
                 stamps.append(time.perf_counter())
-    return stamps[0] - started, (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+    return Stream(model, started, tuple(stamps))
 
 
-def run_scenario(base_url: str, models: list[str], tokens: int) -> list[tuple[str, float, float]]:
-    results: list[tuple[str, float, float]] = []
+def run_scenario(base_url: str, models: list[str], tokens: int) -> list[Stream]:
+    results: list[Stream] = []
 
     def one(model: str) -> None:
-        results.append((model, *stream_once(base_url, model, tokens)))
+        results.append(stream_once(base_url, model, tokens))
 
     threads = [threading.Thread(target=one, args=(m,)) for m in models]
     for thread in threads:
@@ -87,8 +115,9 @@ def bench_engine(settings: EngineSettings, rounds: int, tokens: int, log: Path) 
             names = list(SCENARIOS)
             names = names[round_index % len(names):] + names[:round_index % len(names)]
             for name in names:
-                for model, ttft, tpot in run_scenario(server.base_url, SCENARIOS[name], tokens):
-                    samples.setdefault((name, model), []).append((ttft, tpot))
+                for stream in run_scenario(server.base_url, SCENARIOS[name], tokens):
+                    samples.setdefault((name, stream.model), []).append(
+                        (stream.ttft, stream.tpot))
     print(f"{'scenario':36s} {'model':6s} {'n':>3s} {'TTFT p50':>9s} {'TTFT p95':>9s} "
           f"{'TPOT p50':>9s} {'TPOT p95':>9s}")
     for (name, model), values in samples.items():
@@ -102,21 +131,33 @@ def bench_engine(settings: EngineSettings, rounds: int, tokens: int, log: Path) 
         print(f"DoRA / LoRA median TPOT at {streams}: {dora / lora:.3f}")
 
 
-def bench_paired(settings: EngineSettings, pairs: int, tokens: int, log: Path) -> None:
-    ratios: dict[int, list[float]] = {1: [], 4: []}
+def median_step(base_url: str, model: str, streams: int, tokens: int) -> float:
+    """Median decode step of `streams` concurrent streams of `model`, over all their tokens."""
+    return statistics.median(interval for stream in run_scenario(base_url, [model] * streams,
+                                                                 tokens)
+                             for interval in stream.intervals)
+
+
+def bench_paired(settings: EngineSettings, pairs: int, tokens: int, streams: list[int],
+                 log: Path) -> None:
+    ratios: dict[int, list[float]] = {count: [] for count in streams}
+    steps: dict[tuple[int, str], list[float]] = {}
     with VllmServer(settings, log_path=log) as server:
         run_scenario(server.base_url, ["lora", "dora"], 8)  # warm-up
         for pair in range(pairs):
             order = ("lora", "dora") if pair % 2 == 0 else ("dora", "lora")
-            for streams, values in ratios.items():
-                tpot = {model: statistics.median(
-                    result[2] for result in run_scenario(server.base_url, [model] * streams,
-                                                         tokens)) for model in order}
-                values.append(tpot["dora"] / tpot["lora"])
-    for streams, values in ratios.items():
-        low, _, high = statistics.quantiles(values, n=4)
-        print(f"DoRA / LoRA TPOT, {streams} stream(s), {len(values)} pairs: median "
-              f"{statistics.median(values):.4f} (quartiles {low:.4f} - {high:.4f})")
+            for count, values in ratios.items():
+                step = {model: median_step(server.base_url, model, count, tokens)
+                        for model in order}
+                values.append(step["dora"] / step["lora"])
+                for model, seconds in step.items():
+                    steps.setdefault((count, model), []).append(seconds)
+    for count, values in ratios.items():
+        median, low, high = median_with_interval(values)
+        lora, dora = (1e3 * statistics.median(steps[(count, m)]) for m in ("lora", "dora"))
+        print(f"{count} stream(s), {len(values)} pairs: median step LoRA {lora:.1f} ms, "
+              f"DoRA {dora:.1f} ms; DoRA / LoRA per pair: median {median:.4f}, "
+              f"95% CI {low:.4f} - {high:.4f}")
 
 
 def peft_seconds_per_token(model: torch.nn.Module, ids: torch.Tensor, tokens: int) -> float:
@@ -148,7 +189,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--part", choices=["engine", "peft", "all", "paired"], default="all")
-    parser.add_argument("--pairs", type=int, default=12)
+    parser.add_argument("--pairs", type=int, default=30)
+    parser.add_argument("--streams", type=int, nargs="+", default=[1, 4],
+                        help="concurrent streams per side of a pair (paired part)")
     parser.add_argument("--pin", action="store_true",
                         help="vLLM's worker threads on CPU 0, everything else on CPU 1")
     args = parser.parse_args()
@@ -165,7 +208,7 @@ def main() -> None:
             bench_peft(adapters, args.tokens)
         if args.part == "paired":
             bench_paired(engine_settings(adapters, extra_env), args.pairs, args.tokens,
-                         work_dir / "vllm.log")
+                         args.streams, work_dir / "vllm.log")
 
 
 if __name__ == "__main__":
