@@ -278,8 +278,10 @@ def running_prometheus(config_file: Path, work_dir: Path) -> Iterator[str]:
             [tool("prometheus"), f"--config.file={config_file}",
              f"--storage.tsdb.path={work_dir / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
             stdout=log, stderr=subprocess.STDOUT)
-    api = f"http://127.0.0.1:{port}/api/v1"
+    root = f"http://127.0.0.1:{port}"
+    api = f"{root}/api/v1"
     try:
+        wait_until_ready(root, process)
         yield api
     except AssertionError as failure:
         raise AssertionError(f"{failure}\nPrometheus's targets: {_targets(api)}\nits log:\n"
@@ -293,13 +295,27 @@ def running_prometheus(config_file: Path, work_dir: Path) -> Iterator[str]:
             process.wait()
 
 
+def wait_until_ready(root: str, process: subprocess.Popen) -> None:
+    """Prometheus listens before it is ready (it answers 503 while its storage starts)."""
+    deadline = time.monotonic() + SCRAPE_TIMEOUT_S
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if httpx.get(f"{root}/-/ready", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"Prometheus did not become ready (exit code {process.poll()})")
+
+
 def wait_for_series(api: str, query: str, wanted) -> dict[str, str]:
     """The labels of the first series of `query` that `wanted` accepts, polling until one
     comes back."""
     deadline = time.monotonic() + SCRAPE_TIMEOUT_S
     while time.monotonic() < deadline:
         try:
-            result = httpx.get(f"{api}/query", params={"query": query}, timeout=5).json()
+            response = httpx.get(f"{api}/query", params={"query": query}, timeout=5)
+            result = response.json() if response.status_code == 200 else {}
         except httpx.HTTPError:
             result = {}
         for series in result.get("data", {}).get("result", []):
