@@ -47,6 +47,20 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def wait_until_ok(url: str, process: subprocess.Popen, timeout_s: float) -> bool:
+    """Poll `url` of a server `process` just started: True once it answers 200, False if the
+    process exits first or `timeout_s` passes (a server may listen before it is ready)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if httpx.get(url, timeout=5).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    return False
+
+
 class VllmServer:
     def __init__(self, settings: EngineSettings, log_path: Path, port: int | None = None) -> None:
         self.settings = settings
@@ -86,16 +100,11 @@ class VllmServer:
         return self.process is None or self.process.poll() is not None
 
     def wait_ready(self, timeout_s: float = 300) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.exited():
-                raise EngineStartError(f"vLLM exited during start-up; log: {self.log_tail()}")
-            try:
-                if httpx.get(f"{self.base_url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        if not self.exited() and wait_until_ok(f"{self.base_url}/health", self.process,
+                                               timeout_s):
+            return
+        if self.exited():
+            raise EngineStartError(f"vLLM exited during start-up; log: {self.log_tail()}")
         raise EngineStartError(f"vLLM not healthy after {timeout_s:.0f}s; log: {self.log_tail()}")
 
     def stop(self) -> None:

@@ -10,14 +10,13 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
-from gateway.vllm_process import free_port
+from gateway.vllm_process import free_port, wait_until_ok
 from tests.gateway_fakes import ACME_KEY, ADMIN_KEY, GLOBEX_KEY
 
 GATEWAY_CLI = str(Path(sys.executable).with_name("dora-gateway"))
@@ -74,15 +73,9 @@ class GatewayProcess:
         return gateway
 
     def wait_healthy(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, f"the gateway exited:\n{self.log_tail()}"
-            try:
-                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        if wait_until_ok(self.url + "/health", self.process, timeout_s):
+            return
+        assert self.process.poll() is None, f"the gateway exited:\n{self.log_tail()}"
         raise AssertionError(f"the gateway was not healthy in {timeout_s:.0f}s:\n"
                              f"{self.log_tail()}")
 

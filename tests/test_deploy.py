@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from gateway.config import load_config
-from gateway.vllm_process import free_port
+from gateway.vllm_process import free_port, wait_until_ok
 from tests.gateway_process import GLOBEX_KEY, PROMPT, data_events
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -281,7 +281,9 @@ def running_prometheus(config_file: Path, work_dir: Path) -> Iterator[str]:
     root = f"http://127.0.0.1:{port}"
     api = f"{root}/api/v1"
     try:
-        wait_until_ready(root, process)
+        # Prometheus listens before it is ready: it answers 503 while its storage starts.
+        if not wait_until_ok(f"{root}/-/ready", process, SCRAPE_TIMEOUT_S):
+            raise AssertionError(f"Prometheus was not ready (exit code {process.poll()})")
         yield api
     except AssertionError as failure:
         raise AssertionError(f"{failure}\nPrometheus's targets: {_targets(api)}\nits log:\n"
@@ -293,19 +295,6 @@ def running_prometheus(config_file: Path, work_dir: Path) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-
-
-def wait_until_ready(root: str, process: subprocess.Popen) -> None:
-    """Prometheus listens before it is ready (it answers 503 while its storage starts)."""
-    deadline = time.monotonic() + SCRAPE_TIMEOUT_S
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if httpx.get(f"{root}/-/ready", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"Prometheus did not become ready (exit code {process.poll()})")
 
 
 def wait_for_series(api: str, query: str, wanted) -> dict[str, str]:

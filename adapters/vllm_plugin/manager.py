@@ -34,15 +34,15 @@ def fill_slot(manager: LoRAModelManager, lora_id: int) -> None:
             set_scale(layer, index, scales)
 
 
-def batch_has_dora(manager: LoRAModelManager, index_mapping: tuple[int, ...]) -> bool:
-    ids = set(index_mapping) - {0}
-    return any(getattr(manager._registered_adapters.get(i), "dora_scales", None) for i in ids)
+def batch_has_dora(manager: LoRAModelManager, ids: set[int]) -> bool:
+    """Whether any of the batch's lora ids (0 means none) is a DoRA adapter."""
+    return any(getattr(manager._registered_adapters.get(i), "dora_scales", None)
+               for i in ids - {0})
 
 
-def single_slot(manager: LoRAModelManager, index_mapping: tuple[int, ...]) -> int | None:
+def single_slot(manager: LoRAModelManager, ids: set[int]) -> int | None:
     """The slot every token of the batch uses, or None when tokens differ (or none has an
     adapter; lora id 0 means none)."""
-    ids = set(index_mapping)
     if len(ids) != 1 or 0 in ids:
         return None
     return manager.lora_index_to_id.index(next(iter(ids)))
@@ -60,8 +60,9 @@ def patch_manager() -> None:
 
     def _set_adapter_mapping(self, mapping) -> None:
         original_set_mapping(self, mapping)
-        active = batch_has_dora(self, mapping.index_mapping)
-        slot = single_slot(self, mapping.index_mapping) if active else None
+        ids = set(mapping.index_mapping)
+        active = batch_has_dora(self, ids)
+        slot = single_slot(self, ids) if active else None
         for wrapper in self.punica_wrapper_mapping.values():
             mark_batch(wrapper, active, slot, self.lora_slots + 1)
 
