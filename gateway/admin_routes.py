@@ -44,10 +44,13 @@ def admin_router(access: Access, registry: AdapterRegistry, pool: BackendPool,
         return pool.healthy() if eager else []
 
     def describe(entry: AdapterEntry) -> dict:
+        refusal = registry.refusal(entry)
         return {"name": entry.name, "is_dora": entry.is_dora, "hash": entry.content_hash,
                 "internal_name": entry.internal_name, "source": str(entry.source),
                 "compile_seconds": entry.compile_seconds, "created": entry.created,
-                "loaded_backends": registry.loaded_on(entry)}
+                "loaded_backends": registry.loaded_on(entry), "servable": refusal is None,
+                "refused_by": refusal and {"backend": refusal.backend,
+                                           "reason": refusal.reason}}
 
     @router.get(ADAPTERS_PATH)
     async def list_adapters(request: Request) -> JSONResponse:

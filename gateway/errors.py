@@ -57,6 +57,16 @@ class InvalidAdapter(InvalidRequest):
         return body
 
 
+class AdapterUnavailable(InvalidRequest):
+    """A registered adapter that a backend refused to load, with the engine's reason: the
+    operator must replace the adapter (or change the engine), so retrying cannot help."""
+
+    code = "adapter_unavailable"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, param="model")
+
+
 class NotFound(InvalidRequest):
     status = 404
     code = "not_found"

@@ -3,6 +3,11 @@
 vLLM keeps runtime-loaded adapters by name (`/v1/load_lora_adapter`), so the gateway tracks
 which backend has which internal name, loads on first use (or eagerly), and forgets a
 backend's adapters when it goes down: a restarted vLLM has none of them.
+
+A load that a healthy backend refuses (vLLM answers 500 to every failed load, so health tells
+a refusal from a dying engine) is the adapter's fault: it is remembered with the engine's
+reason, and requests for it get that reason (a 400) without asking the engine again, until
+the backend restarts (it may come back with other settings) or the adapter is removed.
 """
 
 from __future__ import annotations
@@ -11,12 +16,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
 from gateway.backend import Backend, BackendPool
-from gateway.errors import BackendError, GatewayError
+from gateway.errors import AdapterUnavailable, BackendUnreachable, GatewayError
 
 LOAD_PATH = "/v1/load_lora_adapter"
 UNLOAD_PATH = "/v1/unload_lora_adapter"
@@ -24,14 +30,29 @@ UNLOAD_PATH = "/v1/unload_lora_adapter"
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Refusal:
+    backend: str
+    reason: str
+
+    def error(self) -> AdapterUnavailable:
+        return AdapterUnavailable(f"The model backend refused to load the adapter: "
+                                  f"{self.reason}")
+
+
 class LoraLoader:
-    """`on_loaded(internal_name, seconds)` is told of every load that reached a backend."""
+    """`on_loaded(internal_name, seconds)` is told of every load that reached a backend,
+    `on_refused(internal_name, refusal)` of every load a backend refused."""
 
     def __init__(self, pool: BackendPool,
-                 on_loaded: Callable[[str, float], None] = lambda name, seconds: None) -> None:
+                 on_loaded: Callable[[str, float], None] = lambda name, seconds: None,
+                 on_refused: Callable[[str, Refusal], None] = lambda name, refusal: None,
+                 ) -> None:
         self._pool = pool
         self._on_loaded = on_loaded
+        self._on_refused = on_refused
         self._loaded: dict[str, set[str]] = {}
+        self._refused: dict[str, Refusal] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         pool.on_down(self.forget_backend)
 
@@ -41,27 +62,34 @@ class LoraLoader:
     def is_loaded(self, internal_name: str, url: str) -> bool:
         return url in self._loaded.get(internal_name, ())
 
+    def refusal(self, internal_name: str) -> Refusal | None:
+        return self._refused.get(internal_name)
+
     def forget_backend(self, url: str) -> None:
         for urls in self._loaded.values():
             urls.discard(url)
+        for name in [name for name, refusal in self._refused.items() if refusal.backend == url]:
+            del self._refused[name]
 
     async def ensure_loaded(self, internal_name: str, compiled_path: Path, backend: Backend,
                             still_wanted: Callable[[], bool]) -> bool:
         """Load on `backend` unless already there; False (and nothing loaded) if the adapter
-        was removed meanwhile, so a removal never races a load into a leaked slot."""
+        was removed meanwhile, so a removal never races a load into a leaked slot.
+        `AdapterUnavailable` if a backend refused it."""
         if self.is_loaded(internal_name, backend.url):
             return True
         async with self._lock(internal_name, backend.url):
             if self.is_loaded(internal_name, backend.url):
                 return True
+            if internal_name in self._refused:
+                raise self._refused[internal_name].error()
             if not still_wanted():
                 return False
             started = time.perf_counter()
             response = await self._pool.post(
                 backend, LOAD_PATH, {"lora_name": internal_name, "lora_path": str(compiled_path)})
             if response.status_code != 200 and not _already_loaded(response):
-                raise BackendError(f"The model backend could not load the adapter: "
-                                   f"{_message(response)}")
+                raise await self._refused_by(backend, internal_name, _message(response))
             self._on_loaded(internal_name, time.perf_counter() - started)
             self._loaded.setdefault(internal_name, set()).add(backend.url)
             return True
@@ -75,6 +103,19 @@ class LoraLoader:
                     await self._unload(internal_name, self._pool.by_url(url))
             del self._locks[(internal_name, url)]
         self._loaded.pop(internal_name, None)
+        self._refused.pop(internal_name, None)
+
+    async def _refused_by(self, backend: Backend, internal_name: str,
+                          reason: str) -> GatewayError:
+        """The error for a failed load: a refusal if the backend is still healthy, else the
+        backend is down (and another one may be tried)."""
+        if not await self._pool.check(backend):
+            return BackendUnreachable()
+        refusal = Refusal(backend.url, reason)
+        self._refused[internal_name] = refusal
+        log.warning("%s refused to load %s: %s", backend.url, internal_name, reason)
+        self._on_refused(internal_name, refusal)
+        return refusal.error()
 
     async def _unload(self, internal_name: str, backend: Backend) -> None:
         """Best effort: a backend that is down has lost its adapters anyway."""

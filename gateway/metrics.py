@@ -57,6 +57,10 @@ class GatewayMetrics:
                                       "Loading a compiled adapter into a vLLM backend",
                                       ("adapter_type",), buckets=ADAPTER_BUCKETS,
                                       registry=self.registry)
+        self.adapter_refusals = Counter(f"{PREFIX}_adapter_load_refusals",
+                                        "Adapter loads a vLLM backend refused (the adapter "
+                                        "is then unservable)", ("adapter", "adapter_type"),
+                                        registry=self.registry)
 
     def _histogram(self, name: str, documentation: str, buckets: tuple[float, ...]) -> Histogram:
         return Histogram(f"{PREFIX}_{name}", documentation, REQUEST_LABELS, buckets=buckets,

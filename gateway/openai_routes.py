@@ -68,9 +68,10 @@ def openai_router(access: Access, registry: AdapterRegistry, pool: BackendPool,
         return {"id": name, "object": "model", "created": created, "owned_by": OWNER}
 
     def visible_models(tenant: Tenant) -> dict[str, dict]:
+        """`base` and the adapters `tenant` may use, less those a backend refused to load."""
         cards = {BASE_MODEL: model_card(BASE_MODEL, started)}
         for entry in registry.entries():
-            if tenant.may_use(entry.name):
+            if tenant.may_use(entry.name) and registry.refusal(entry) is None:
                 cards[entry.name] = model_card(entry.name, entry.created)
         return cards
 

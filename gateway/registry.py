@@ -3,12 +3,16 @@
 An adapter is served under an internal name that carries its content hash, so a replaced
 adapter never reuses vLLM's prefix cache or a stale loaded copy. Adding is all-or-nothing:
 validation and compilation (cached in the content-addressed store) happen before the entry
-appears, and paths must lie under a configured root after resolving symlinks.
+appears, and paths must lie under a configured root after resolving symlinks. Admission
+(`gateway.admission`) refuses, before compiling, what the configured engines cannot serve;
+an adapter that an engine still refuses at load time stays registered but unservable, with
+the engine's reason.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import time
@@ -22,9 +26,18 @@ from adapters.compiled import METADATA_FILE
 from adapters.errors import AdapterError
 from adapters.peft_adapter import CONFIG_FILE
 from adapters.store import CompiledStore
+from gateway.admission import engine_refusals, validation_problems
 from gateway.backend import Backend, BackendPool
-from gateway.errors import Conflict, InvalidAdapter, InvalidRequest, ModelNotFound, NotFound
-from gateway.lora_loader import LoraLoader
+from gateway.engine_limits import VLLM_DEFAULTS, EngineLimits
+from gateway.errors import (
+    AdapterUnavailable,
+    Conflict,
+    InvalidAdapter,
+    InvalidRequest,
+    ModelNotFound,
+    NotFound,
+)
+from gateway.lora_loader import LoraLoader, Refusal
 from gateway.tenancy import valid_name
 
 BASE_MODEL = "base"
@@ -50,19 +63,23 @@ class RegistryObserver(Protocol):
 
     def adapter_loaded(self, entry: AdapterEntry, seconds: float) -> None: ...
 
+    def adapter_refused(self, entry: AdapterEntry, refusal: Refusal) -> None: ...
+
 
 class AdapterRegistry:
-    """`roots[0]` is the adapters directory; relative paths given to `add` resolve there."""
+    """`roots[0]` is the adapters directory; relative paths given to `add` resolve there;
+    `limits` are what the engines behind `pool` accept."""
 
     def __init__(self, base: BaseCheckpoint, store: CompiledStore, roots: Sequence[Path],
-                 pool: BackendPool) -> None:
+                 pool: BackendPool, limits: EngineLimits = VLLM_DEFAULTS) -> None:
         if not roots:
             raise ValueError("at least one adapter root is needed")
         self._base = base
         self._store = store
+        self._limits = limits
         self._roots = [Path(root) for root in roots]
         self._real_roots = [os.path.realpath(root) for root in roots]
-        self._loader = LoraLoader(pool, on_loaded=self._loaded)
+        self._loader = LoraLoader(pool, on_loaded=self._loaded, on_refused=self._refused)
         self._entries: dict[str, AdapterEntry] = {}
         self._lock = asyncio.Lock()
         self._observers: list[RegistryObserver] = []
@@ -81,6 +98,10 @@ class AdapterRegistry:
 
     def loaded_on(self, entry: AdapterEntry) -> list[str]:
         return self._loader.loaded_on(entry.internal_name)
+
+    def refusal(self, entry: AdapterEntry) -> Refusal | None:
+        """Why a backend refused to load `entry`; None while it is servable."""
+        return self._loader.refusal(entry.internal_name)
 
     def forget_backend(self, url: str) -> None:
         """For a backend that restarted: it has none of the adapters it had before."""
@@ -150,19 +171,34 @@ class AdapterRegistry:
             raise ModelNotFound(entry.name)
 
     async def load_all(self, backend: Backend) -> None:
-        """Eager loading: every adapter onto `backend` now rather than on first use."""
+        """Eager loading: every adapter onto `backend` now rather than on first use; one the
+        backend refuses is left unservable and the others still load."""
         for entry in self.entries():
-            await self.ensure_loaded(entry, backend)
+            with contextlib.suppress(AdapterUnavailable):
+                await self.ensure_loaded(entry, backend)
 
     def _loaded(self, internal_name: str, seconds: float) -> None:
-        entry = next((entry for entry in self._entries.values()
-                      if entry.internal_name == internal_name), None)
+        entry = self._by_internal_name(internal_name)
         if entry is not None:
             for observer in self._observers:
                 observer.adapter_loaded(entry, seconds)
 
+    def _refused(self, internal_name: str, refusal: Refusal) -> None:
+        entry = self._by_internal_name(internal_name)
+        if entry is not None:
+            for observer in self._observers:
+                observer.adapter_refused(entry, refusal)
+
+    def _by_internal_name(self, internal_name: str) -> AdapterEntry | None:
+        return next((entry for entry in self._entries.values()
+                     if entry.internal_name == internal_name), None)
+
     def _compile(self, name: str, source: Path) -> AdapterEntry:
         started = time.perf_counter()
+        refusals = engine_refusals(source, self._base, self._limits)
+        if refusals:
+            problems = validation_problems(source, self._base) + refusals
+            raise InvalidAdapter(str(AdapterError(str(source), problems)), problems)
         try:
             stored = self._store.compile(source, self._base)
         except AdapterError as exc:

@@ -21,6 +21,7 @@ from adapters.store import CompiledStore
 from gateway.app import create_app
 from gateway.backend import BackendPool
 from gateway.config import GatewayConfig
+from gateway.engine_limits import EngineLimits
 from gateway.registry import AdapterRegistry
 from gateway.supervisor import EngineSupervisor
 from gateway.vllm_process import EngineSettings, VllmServer
@@ -54,7 +55,8 @@ async def _serve(config: GatewayConfig, backend_urls: Sequence[str],
     try:
         registry = AdapterRegistry(BaseCheckpoint(config.model_path),
                                    CompiledStore(paths.compiled_store_dir()),
-                                   config.adapters.roots, pool)
+                                   config.adapters.roots, pool,
+                                   EngineLimits.from_config(config.engine))
         await registry.add_directory(config.adapters.dir)
         app = create_app(config, registry, pool)
         if local is not None:

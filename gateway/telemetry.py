@@ -2,7 +2,7 @@
 
 It also hooks the gateway's live state into Prometheus as gauges read at scrape time
 (requests in flight per tenant, backend health, registered adapters per type) and times
-adapter compiles and loads.
+adapter compiles and loads, and counts the loads a backend refused.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from prometheus_client.core import Metric
 
 from gateway.backend import BackendPool
 from gateway.latency_window import LatencyWindow
+from gateway.lora_loader import Refusal
 from gateway.metrics import GatewayMetrics, gauge
 from gateway.registry import BASE_MODEL, AdapterEntry, AdapterRegistry
 from gateway.request_meter import RequestMeter
@@ -44,6 +45,9 @@ class Telemetry:
 
     def adapter_loaded(self, entry: AdapterEntry, seconds: float) -> None:
         self.metrics.adapter_load.labels(adapter_type(entry)).observe(seconds)
+
+    def adapter_refused(self, entry: AdapterEntry, refusal: Refusal) -> None:
+        self.metrics.adapter_refusals.labels(entry.name, adapter_type(entry)).inc()
 
     def watch(self, limiters: dict[str, ConcurrencyLimiter], pool: BackendPool,
               registry: AdapterRegistry) -> None:

@@ -22,6 +22,7 @@ from adapters.store import CompiledStore
 from gateway.app import create_app
 from gateway.backend import BackendPool
 from gateway.config import GatewayConfig, load_config
+from gateway.engine_limits import EngineLimits
 from gateway.registry import AdapterRegistry
 from tests.factories import LLAMA_TARGETS, random_adapter
 
@@ -73,6 +74,7 @@ class FakeVllm:
     hang_completions: bool = False
     cancelled: int = 0
     load_error: str | None = None
+    dies_on_load: bool = False
     requests: list[Recorded] = field(default_factory=list)
     loaded: dict[str, str] = field(default_factory=dict)
     streams: list[FakeStream] = field(default_factory=list)
@@ -109,6 +111,9 @@ class FakeVllm:
             raise
 
     def _load(self, body: dict) -> httpx.Response:
+        if self.dies_on_load:
+            self.down = True  # vLLM answers 500 when its engine dies, then stops answering
+            return _vllm_error(500, "EngineCore encountered an issue")
         if self.load_error is not None:
             return _vllm_error(500, self.load_error)
         if body["lora_name"] in self.loaded:
@@ -190,8 +195,9 @@ def make_demo_adapters(base_dir: Path, out_dir: Path) -> Path:
 
 
 def write_config(directory: Path, base_dir: Path, adapters_dir: Path, *, extra_root: Path,
-                 backends: list[str], eager: bool, metrics: str = "") -> Path:
-    """acme may use `caps` and `plain` (2 at a time, 64 tokens); globex may use every adapter."""
+                 backends: list[str], eager: bool, metrics: str = "", engine: str = "") -> Path:
+    """acme may use `caps` and `plain` (2 at a time, 64 tokens); globex may use every adapter;
+    `engine` holds more `[engine]` keys."""
     path = directory / "gateway.toml"
     path.write_text(f"""
 [model]
@@ -201,6 +207,7 @@ max_body_bytes = 4096
 cache_salt_secret = "test-secret"
 [engine]
 backends = {json.dumps(backends)}
+{engine}
 [adapters]
 dir = "{adapters_dir}"
 roots = ["{extra_root}"]
@@ -240,19 +247,21 @@ class Gateway:
 
 
 async def make_gateway(tmp_path: Path, base_dir: Path, demo_adapters: Path, store_dir: Path,
-                       *vllms: FakeVllm, eager: bool = False, metrics: str = "") -> Gateway:
+                       *vllms: FakeVllm, eager: bool = False, metrics: str = "",
+                       engine: str = "") -> Gateway:
     """A gateway over a fresh copy of the demo adapters (uploads write there), in front of
-    `vllms` (one fake by default); `metrics` is an optional `[metrics]` TOML table."""
+    `vllms` (one fake by default); `metrics` is an optional `[metrics]` TOML table, `engine`
+    more `[engine]` keys."""
     vllms = vllms or (FakeVllm(),)
     adapters_dir = shutil.copytree(demo_adapters, tmp_path / "adapters")
     extra_root = tmp_path / "extra-root"
     extra_root.mkdir()
     config = load_config(write_config(tmp_path, base_dir, adapters_dir, extra_root=extra_root,
                                       backends=[vllm.url for vllm in vllms], eager=eager,
-                                      metrics=metrics))
+                                      metrics=metrics, engine=engine))
     pool = BackendPool(config.engine.backends,
                        httpx.AsyncClient(transport=fake_transport(*vllms)))
     registry = AdapterRegistry(BaseCheckpoint(base_dir), CompiledStore(store_dir),
-                               config.adapters.roots, pool)
+                               config.adapters.roots, pool, EngineLimits.from_config(config.engine))
     await registry.add_directory(config.adapters.dir)
     return Gateway(create_app(config, registry, pool), config, registry, pool, vllms)

@@ -50,7 +50,8 @@ async def test_eager_add_that_the_backend_refuses_changes_nothing(tmp_path, llam
     second.load_error = "DoRA is not supported on this layer"
     async with gateway.client(ADMIN_KEY) as client:
         refused = await client.post("/admin/adapters", json={"name": "caps2", "path": "caps"})
-        assert refused.status_code == 502
+        assert refused.status_code == 400
+        assert refused.json()["error"]["code"] == "adapter_unavailable"
         assert "DoRA is not supported on this layer" in refused.json()["error"]["message"]
         assert gateway.registry.get("caps2") is None
         assert first.loaded == {} and second.loaded == {}

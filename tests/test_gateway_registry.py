@@ -17,7 +17,8 @@ from adapters.compile import adapter_content_hash
 from adapters.store import CompiledStore
 from gateway.backend import BackendPool
 from gateway.errors import (
-    BackendError,
+    AdapterUnavailable,
+    BackendUnreachable,
     Conflict,
     InvalidAdapter,
     InvalidRequest,
@@ -161,13 +162,30 @@ async def test_forgetting_a_backend_that_kept_its_adapters_reloads_harmlessly(se
     assert registry.loaded_on(caps) == [vllm.url]
 
 
-async def test_a_load_the_backend_refuses_is_a_502_and_not_recorded(setup, vllm):
+async def test_a_load_a_healthy_backend_refuses_leaves_the_adapter_unservable(setup, vllm):
     registry, pool, *_ = setup
     caps = await registry.add("caps", "caps")
     vllm.load_error = "vLLM does not yet support DoRA."
-    with pytest.raises(BackendError, match="does not yet support DoRA"):
+    (backend,) = pool.backends
+    for _ in range(2):
+        with pytest.raises(AdapterUnavailable, match="does not yet support DoRA") as caught:
+            await registry.ensure_loaded(caps, backend)
+        assert caught.value.status == 400
+    assert len(vllm.received(LOAD)) == 1 and registry.loaded_on(caps) == []
+    assert registry.refusal(caps).reason == "vLLM does not yet support DoRA."
+    registry.forget_backend(backend.url)  # a restarted backend may accept it
+    vllm.load_error = None
+    await registry.ensure_loaded(caps, backend)
+    assert registry.refusal(caps) is None and registry.loaded_on(caps) == [vllm.url]
+
+
+async def test_a_load_that_fails_because_the_backend_died_is_not_a_refusal(setup, vllm):
+    registry, pool, *_ = setup
+    caps = await registry.add("caps", "caps")
+    vllm.dies_on_load = True
+    with pytest.raises(BackendUnreachable):
         await registry.ensure_loaded(caps, pool.backends[0])
-    assert registry.loaded_on(caps) == []
+    assert registry.refusal(caps) is None and not pool.backends[0].healthy
 
 
 async def test_remove_unloads_and_then_the_name_is_gone(setup, vllm):
