@@ -26,6 +26,8 @@ from gateway.tenancy import ALL_ADAPTERS, Tenant, valid_name
 SECTIONS = {"model", "server", "engine", "adapters", "admin", "metrics", "tenants"}
 METRICS_ACCESS = ("local", "key", "open")
 DTYPES = {"auto", "half", "float16", "bfloat16", "float", "float32"}
+# vLLM 0.32's --max-lora-rank choices: any other value makes vLLM exit at start.
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 DEFAULT_MAX_CONCURRENCY = 4
 DEFAULT_MAX_TOKENS = 1024
 T = TypeVar("T")
@@ -148,6 +150,10 @@ class _Reader:
         dtype = self.value(table, "engine", "dtype", str, defaults.dtype)
         if dtype not in DTYPES:
             self.problems.append(f"engine.dtype: {dtype!r} is not one of {sorted(DTYPES)}")
+        max_lora_rank = self.integer(table, "engine", "max_lora_rank", defaults.max_lora_rank)
+        if max_lora_rank not in LORA_RANKS:
+            self.problems.append(f"engine.max_lora_rank: {max_lora_rank} is not one of vLLM's "
+                                 f"ranks {list(LORA_RANKS)}")
         backends = self.strings(table, "engine", "backends")
         for url in backends:
             if not is_http_url(url):
@@ -155,7 +161,7 @@ class _Reader:
         return EngineConfig(
             dtype=dtype,
             max_loras=self.integer(table, "engine", "max_loras", defaults.max_loras),
-            max_lora_rank=self.integer(table, "engine", "max_lora_rank", defaults.max_lora_rank),
+            max_lora_rank=max_lora_rank,
             extra_args=self.strings(table, "engine", "extra_args"),
             backends=tuple(url.rstrip("/") for url in backends),
         )

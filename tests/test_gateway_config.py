@@ -117,6 +117,7 @@ def test_unreadable_and_invalid_toml(tmp_path):
     ('[server]\ncache_salt_secret = "env:NOPE"\n', "server.cache_salt_secret: environment"),
     ('[engine]\ndtype = "fp8"\n', "engine.dtype: 'fp8' is not one of"),
     ("[engine]\nmax_loras = true\n", "engine.max_loras: must be an integer, got a boolean"),
+    ("[engine]\nmax_lora_rank = 10\n", "engine.max_lora_rank: 10 is not one of vLLM's ranks"),
     ('[engine]\nbackends = ["localhost:8000"]\n', "'localhost:8000' is not an http(s) URL"),
     ('[engine]\nbackends = ["ftp://x"]\n', "'ftp://x' is not an http(s) URL"),
     ('[engine]\nbackends = ["http://[::1"]\n', "'http://[::1' is not an http(s) URL"),
