@@ -26,7 +26,7 @@ from vllm.model_executor.layers.linear import (
     RowParallelLinear,
 )
 
-from adapters.vllm_plugin.layers import mark_batch, set_scale
+from adapters.vllm_plugin.layers import set_scale
 from gateway.vllm_process import free_port
 
 LORA_SLOT, DORA_SLOT = 0, 1
@@ -114,11 +114,10 @@ def load_slot(layer: BaseLinearLayerWithLoRA, slot: int, a: list[torch.Tensor],
         set_scale(layer, slot, scales)
 
 
-def select_batch(wrapper: PunicaWrapperBase, slots: list[int | None]) -> None:
-    """Map a decode batch, one token per sequence (None: the base model), as vLLM does
-    before a forward: punica's metadata, then the plugin's batch flag and rows."""
+def select_batch(wrapper: PunicaWrapperBase, slots: list[int | None],
+                 is_prefill: bool = False) -> None:
+    """Map a batch, one slot (None: the base model) per token, as vLLM does before a
+    forward; the plugin writes its batch plan from punica's metadata."""
     ids = [0 if slot is None else LORA_IDS[slot] for slot in slots]
-    wrapper.update_metadata(LoRAMapping(ids, ids, is_prefill=False),
-                            [LORA_IDS[LORA_SLOT], LORA_IDS[DORA_SLOT]], 2, vocab_size=32000)
-    single = slots[0] if len(set(slots)) == 1 and slots[0] is not None else None
-    mark_batch(wrapper, DORA_SLOT in slots, single, table_size=3)
+    wrapper.update_metadata(LoRAMapping(ids, ids, is_prefill=is_prefill),
+                            [LORA_IDS[LORA_SLOT], LORA_IDS[DORA_SLOT]], 3, vocab_size=32000)

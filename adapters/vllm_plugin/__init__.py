@@ -1,11 +1,13 @@
 """The vLLM plugin that serves DoRA adapters exactly (entry point `vllm.general_plugins`).
 
 vLLM loads general plugins in every process (API server, engine core, workers). `register`
-patches vLLM's LoRA loading, slot management and linear LoRA layers (and fixes the CPU LoRA
-ops for base-model tokens, see `cpu_punica_fix`, and makes runtime unloading free the slot,
-see `unload`), once per process, and
-only on the vLLM release it was written against: on any other, it patches nothing and says
-so, and DoRA adapters stay refused by vLLM itself (fail closed).
+patches, once per process, vLLM's LoRA loading (`loading`), slot management (`manager`) and
+linear LoRA layers (`layers`, with the grouped CPU LoRA path of `cpu_lora` and the batch
+plan of `batch_plan`); it also fixes the stock CPU LoRA ops for base-model tokens
+(`cpu_punica_fix`), makes runtime unloading free the slot (`unload`) and, on request, lets
+the CPU engine compile with LoRA on (`compile_mode`). It patches only the vLLM release it
+was written against: on any other, it patches nothing and says so, and DoRA adapters stay
+refused by vLLM itself (fail closed).
 """
 
 from __future__ import annotations
@@ -32,12 +34,14 @@ def register() -> None:
         logger.error("dora-gateway's DoRA plugin supports vLLM %s only, found %s: not patching;"
                      " DoRA adapters will be refused.", SUPPORTED_VLLM, version)
         return
+    from adapters.vllm_plugin.compile_mode import patch_cpu_compile_mode
     from adapters.vllm_plugin.cpu_punica_fix import patch_cpu_punica
     from adapters.vllm_plugin.layers import patch_layers
     from adapters.vllm_plugin.loading import patch_loading
     from adapters.vllm_plugin.manager import patch_manager
     from adapters.vllm_plugin.unload import patch_unload
 
+    patch_cpu_compile_mode()
     patch_cpu_punica()
     patch_layers()
     patch_loading()

@@ -1,16 +1,17 @@
 """DoRA's per-token output scale inside vLLM's linear LoRA layers.
 
-Each patched layer holds a table `dora_scales [max_loras + 1, out_local]`: row i is the scale
-`s` of the adapter in slot i (ones for a plain LoRA adapter), and the last row is all ones,
-so punica's token index -1 ("no adapter") picks "no scale" without a branch.
+Each patched layer holds a table `dora_scales [max_loras + 1, out_local]`: row 0 is all ones
+(the base model, and the rows of layers an adapter leaves alone), row i + 1 the scale `s` of
+the adapter in slot i (ones for plain LoRA). The batch plan (`batch_plan`) gives each token
+its row, so no branch is needed for base-model tokens.
 
-Semantics, per token t with slot index i_t (-1 for base tokens, i.e. the last row):
-    y_t = dora_scales[i_t] * (W0 x_t) + b + B~_{i_t} (A_{i_t} x_t)
-which is the base layer without bias, one gather-multiply, the bias, then vLLM's LoRA add.
-When every token of the batch uses the same adapter (the common case at low concurrency),
-the gather is replaced by one broadcast multiply with that slot's row. The scale step is
-skipped (eager mode only) when no DoRA token is in the batch. Which case applies is
-host-side state set with the batch's LoRA mapping, so no device sync is needed.
+Semantics, per token t with slot i_t (-1 for base-model tokens):
+    y_t = dora_scales[i_t + 1] * (W0 x_t) + B~_{i_t} (A_{i_t} x_t) + b
+On the CPU (`cpu_lora`) the scale and the LoRA term are one grouped pass. Elsewhere vLLM's
+own LoRA kernels add the LoRA term, after one gather-multiply by the plan's rows; eagerly,
+that step is skipped when no DoRA token is in the batch and is a broadcast multiply when all
+tokens share one slot. Traced code (vLLM's compiled mode, CUDA graphs) always runs the
+gather, over persistent tensors only.
 """
 
 from __future__ import annotations
@@ -31,7 +32,13 @@ from vllm.model_executor.layers.linear import (
     QKVParallelLinear,
     UnquantizedLinearMethod,
 )
+from vllm.platforms import current_platform
+from vllm.utils.import_utils import resolve_obj_by_qualname
 
+from adapters.vllm_plugin.batch_plan import BatchPlan
+from adapters.vllm_plugin.cpu_lora import apply_lora, fuse_lora_weights, register_op
+
+PLAN_ATTRIBUTE = "dora_plan"  # on the punica wrapper that all of a model's layers share
 # Exactly these classes: their subclasses (fully sharded LoRA, variable slices) split the
 # LoRA math differently, and DoRA on them is refused rather than guessed.
 DORA_LAYER_TYPES = (
@@ -41,52 +48,6 @@ DORA_LAYER_TYPES = (
     MergedQKVParallelLinearWithLoRA,
     RowParallelLinearWithLoRA,
 )
-BATCH_FLAG = "dora_batch_active"
-ROWS_ATTRIBUTE = "dora_table_rows"  # per-token rows (a tensor), or the one slot of all (an int)
-
-
-def scale_rows_by_adapter(output: torch.Tensor, table: torch.Tensor,
-                          rows: torch.Tensor) -> torch.Tensor:
-    """Semantics: output[t, :] *= table[rows[t], :]   (in place)
-
-    Shapes: output [tokens, out], table [max_loras + 1, out], rows [tokens] (slot per token,
-    max_loras for "no adapter"; see `table_rows`).
-    """
-    if rows.shape[0] != output.shape[0]:
-        rows = rows[: output.shape[0]]
-    return output.mul_(table.index_select(0, rows))
-
-
-def scale_by_slot(output: torch.Tensor, slot_rows: tuple[torch.Tensor, ...],
-                  slot: int) -> torch.Tensor:
-    """Semantics: output[t, :] *= table[slot, :] for every t   (in place)
-
-    Shapes: output [tokens, out], slot_rows: the table's rows as views, [out] each (made once:
-    indexing the table per layer and step would cost as much as the multiply itself).
-    """
-    return output.mul_(slot_rows[slot])
-
-
-def table_rows(token_lora_indices: torch.Tensor, table_size: int) -> torch.Tensor:
-    """punica's per-token slot (-1 = no adapter) as a table row: -1 becomes the ones row.
-
-    Computed once per batch mapping, not per layer: on a small model every extra op per
-    layer is a visible share of the step time.
-    """
-    return token_lora_indices % table_size
-
-
-def mark_batch(wrapper: PunicaWrapperBase, has_dora: bool, slot: int | None,
-               table_size: int) -> None:
-    """Record on a punica wrapper, once per batch mapping, what every layer's forward reads:
-    whether any token is DoRA, and the table rows to scale by (`slot`: the one slot all
-    tokens use, or None for per-token rows)."""
-    setattr(wrapper, BATCH_FLAG, has_dora)
-    if has_dora:
-        rows = slot if slot is not None else table_rows(wrapper.token_lora_indices, table_size)
-        setattr(wrapper, ROWS_ATTRIBUTE, rows)
-
-
 def dora_unsupported_reason(layer: BaseLinearLayerWithLoRA) -> str | None:
     """Why this layer cannot apply a DoRA scale exactly, or None if it can."""
     if type(layer) not in DORA_LAYER_TYPES:
@@ -112,7 +73,8 @@ def allocate_scales(layer: BaseLinearLayerWithLoRA, max_loras: int) -> None:
 
 
 def reset_scale(layer: BaseLinearLayerWithLoRA, index: int) -> None:
-    layer.dora_scales[index] = 1
+    layer.dora_scales[index + 1] = 1
+    plan_of(layer).dora_slots.discard(index)
 
 
 def set_scale(layer: BaseLinearLayerWithLoRA, index: int,
@@ -130,47 +92,89 @@ def set_scale(layer: BaseLinearLayerWithLoRA, index: int,
         columns = columns if isinstance(columns, list) else [columns]
     row = torch.cat([torch.ones(size, 1) if c is None else c.float()
                      for c, size in zip(columns, layer.output_slices, strict=True)])
-    layer.dora_scales[index].copy_(row[:, 0])
+    layer.dora_scales[index + 1].copy_(row[:, 0])
+    plan_of(layer).dora_slots.add(index)
 
 
-def _batch_has_dora(layer: BaseLinearLayerWithLoRA) -> bool:
-    """Traced graphs must always hold the op; eagerly, skip it when no DoRA token is present."""
-    if torch.compiler.is_compiling():
-        return True
-    return getattr(layer.punica_wrapper, BATCH_FLAG, False)
+def plan_of(layer: BaseLinearLayerWithLoRA) -> BatchPlan:
+    """The batch plan of the layer's punica wrapper, made the first time a layer asks."""
+    wrapper = layer.punica_wrapper
+    if not hasattr(wrapper, PLAN_ATTRIBUTE):
+        setattr(wrapper, PLAN_ATTRIBUTE, BatchPlan(wrapper._token_lora_indices.shape[0],
+                                                   layer.dora_scales.shape[0] - 1,
+                                                   wrapper.device))
+    return getattr(wrapper, PLAN_ATTRIBUTE)
 
 
-def _scaled_base_output(layer: BaseLinearLayerWithLoRA, x: torch.Tensor,
-                        bias: torch.Tensor | None) -> torch.Tensor:
-    output = layer._get_quant_method().apply(layer.base_layer, x, None)
-    flat = output.flatten(0, -2) if output.ndim == 3 else output
-    rows = getattr(layer.punica_wrapper, ROWS_ATTRIBUTE)
-    if isinstance(rows, int):
-        scale_by_slot(flat, layer.dora_slot_rows, rows)
+def uses_cpu_lora(layer: BaseLinearLayerWithLoRA) -> bool:
+    """Whether the layer runs the grouped CPU LoRA path (others keep vLLM's own ops)."""
+    return current_platform.is_cpu() and dora_unsupported_reason(layer) is None
+
+
+def _flat(tensor: torch.Tensor) -> torch.Tensor:
+    """[tokens, features] view (the transformers backend adds a batch dimension)."""
+    return tensor.flatten(0, -2) if tensor.ndim == 3 else tensor
+
+
+def _scale_base_output(layer: BaseLinearLayerWithLoRA, output: torch.Tensor,
+                       plan: BatchPlan) -> None:
+    """Semantics: output[t, :] *= dora_scales[rows[t], :]   (in place)
+
+    Eagerly, a batch whose tokens all use one slot is one broadcast multiply by a row view
+    made once (indexing the table per layer and step costs as much as the multiply)."""
+    if plan.single_slot is not None and not torch.compiler.is_compiling():
+        output.mul_(layer.dora_slot_rows[plan.single_slot + 1])
     else:
-        scale_rows_by_adapter(flat, layer.dora_scales, rows)
+        output.mul_(layer.dora_scales.index_select(0, plan.rows[: output.shape[0]]))
+
+
+def _cpu_forward(layer: BaseLinearLayerWithLoRA, x: torch.Tensor,
+                 bias: torch.Tensor | None) -> torch.Tensor:
+    output = layer._get_quant_method().apply(layer.base_layer, x, None)
+    apply_lora(layer, _flat(output), _flat(x), plan_of(layer))
     return output if bias is None else output.add_(bias)
 
 
+def _scaled_forward(layer: BaseLinearLayerWithLoRA, x: torch.Tensor,
+                    bias: torch.Tensor | None) -> torch.Tensor:
+    """Base output, scale, bias, then vLLM's own LoRA add (non-CPU platforms)."""
+    output = layer._get_quant_method().apply(layer.base_layer, x, None)
+    _scale_base_output(layer, _flat(output), plan_of(layer))
+    if bias is not None:
+        output.add_(bias)
+    return layer._apply_lora_to_output(x, output)
+
+
 def patch_layers() -> None:
-    """Give every linear LoRA layer a scale table and the scaled forward."""
+    """Give every linear LoRA layer a scale table and the scaled forward; on the CPU, the
+    grouped LoRA path with fused weights."""
     original_apply_sync = BaseLinearLayerWithLoRA._apply_sync
     original_reset = BaseLinearLayerWithLoRA.reset_lora
+    original_set_mapping = BaseLinearLayerWithLoRA.set_mapping
 
     def _apply_sync(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if not _batch_has_dora(self):
-            return original_apply_sync(self, x, bias)
-        return self._apply_lora_to_output(x, _scaled_base_output(self, x, bias))
+        if self.dora_cpu_lora:
+            return _cpu_forward(self, x, bias)
+        if torch.compiler.is_compiling() or plan_of(self).has_dora:
+            return _scaled_forward(self, x, bias)
+        return original_apply_sync(self, x, bias)
 
     def reset_lora(self, index: int) -> None:
         original_reset(self, index)
         reset_scale(self, index)
 
+    def set_mapping(self, punica_wrapper: PunicaWrapperBase) -> None:
+        original_set_mapping(self, punica_wrapper)
+        plan_of(self)
+
     BaseLinearLayerWithLoRA._apply_sync = _apply_sync
     BaseLinearLayerWithLoRA.reset_lora = reset_lora
+    BaseLinearLayerWithLoRA.set_mapping = set_mapping
     for cls in (BaseLinearLayerWithLoRA, MergedColumnParallelLinearWithLoRA,
                 MergedQKVParallelLinearWithLoRA):
         _wrap_create_lora_weights(cls)
+    _patch_update_metadata()
+    register_op()
 
 
 def _wrap_create_lora_weights(cls: type) -> None:
@@ -181,5 +185,32 @@ def _wrap_create_lora_weights(cls: type) -> None:
     def create_lora_weights(self, max_loras, lora_config, model_config=None) -> None:
         original(self, max_loras, lora_config, model_config)
         allocate_scales(self, max_loras)
+        self.dora_cpu_lora = uses_cpu_lora(self)
+        if self.dora_cpu_lora:
+            fuse_lora_weights(self)
 
     cls.create_lora_weights = create_lora_weights
+
+
+def mapped_slots(index_mapping: tuple[int, ...], lora_index_to_id: list[int | None],
+                 ) -> set[int]:
+    """The slots a batch's tokens use (-1: the base model), from vLLM's per-token lora ids
+    (0: none) on the host."""
+    return {lora_index_to_id.index(i) if i > 0 else -1 for i in set(index_mapping)}
+
+
+def _patch_update_metadata() -> None:
+    """Write the batch plan whenever the platform's punica wrapper maps a new batch."""
+    wrapper_cls = resolve_obj_by_qualname(current_platform.get_punica_wrapper())
+    original = wrapper_cls.update_metadata
+
+    def update_metadata(self, mapping, lora_index_to_id, max_loras, vocab_size,
+                        **kwargs) -> None:
+        original(self, mapping, lora_index_to_id, max_loras, vocab_size, **kwargs)
+        plan = getattr(self, PLAN_ATTRIBUTE, None)
+        if plan is not None:
+            plan.write(self.token_lora_indices,
+                       mapped_slots(mapping.index_mapping, lora_index_to_id),
+                       with_groups=current_platform.is_cpu())
+
+    wrapper_cls.update_metadata = update_metadata

@@ -2,9 +2,7 @@
 
 When an adapter takes a slot, each layer's scale row is filled from the adapter's
 `dora_scales` (sub-module scales gathered for packed layers such as qkv_proj); vLLM's own
-`reset_lora`/`set_lora` calls have already reset the row to ones. When the batch mapping
-changes, a host-side flag records whether any token of the batch uses a DoRA adapter, and
-the table rows are computed once for all layers (one slot number when all tokens share it).
+`reset_lora`/`set_lora` calls have already reset the row to ones.
 """
 
 from __future__ import annotations
@@ -12,7 +10,7 @@ from __future__ import annotations
 import torch
 from vllm.lora.model_manager import LoRAModelManager
 
-from adapters.vllm_plugin.layers import mark_batch, set_scale
+from adapters.vllm_plugin.layers import set_scale
 
 
 def _layer_scales(manager: LoRAModelManager, lora_model, module_name: str,
@@ -34,23 +32,8 @@ def fill_slot(manager: LoRAModelManager, lora_id: int) -> None:
             set_scale(layer, index, scales)
 
 
-def batch_has_dora(manager: LoRAModelManager, ids: set[int]) -> bool:
-    """Whether any of the batch's lora ids (0 means none) is a DoRA adapter."""
-    return any(getattr(manager._registered_adapters.get(i), "dora_scales", None)
-               for i in ids - {0})
-
-
-def single_slot(manager: LoRAModelManager, ids: set[int]) -> int | None:
-    """The slot every token of the batch uses, or None when tokens differ (or none has an
-    adapter; lora id 0 means none)."""
-    if len(ids) != 1 or 0 in ids:
-        return None
-    return manager.lora_index_to_id.index(next(iter(ids)))
-
-
 def patch_manager() -> None:
     original_activate = LoRAModelManager.activate_adapter
-    original_set_mapping = LoRAModelManager._set_adapter_mapping
 
     def activate_adapter(self, lora_id: int) -> bool:
         activated = original_activate(self, lora_id)
@@ -58,13 +41,4 @@ def patch_manager() -> None:
             fill_slot(self, lora_id)
         return activated
 
-    def _set_adapter_mapping(self, mapping) -> None:
-        original_set_mapping(self, mapping)
-        ids = set(mapping.index_mapping)
-        active = batch_has_dora(self, ids)
-        slot = single_slot(self, ids) if active else None
-        for wrapper in self.punica_wrapper_mapping.values():
-            mark_batch(wrapper, active, slot, self.lora_slots + 1)
-
     LoRAModelManager.activate_adapter = activate_adapter
-    LoRAModelManager._set_adapter_mapping = _set_adapter_mapping

@@ -1,0 +1,94 @@
+"""Which LoRA slot each token of a batch uses, written once per batch mapping into tensors
+that live as long as the engine.
+
+vLLM's compiled mode traces the model once and drops the guards, and a CUDA graph replays
+the addresses it captured: a layer that read batch state from a Python attribute, or from a
+tensor made anew per batch, would keep serving the batch it was traced on. So the plan is a
+few persistent tensors, rewritten in place whenever vLLM maps a new batch:
+
+- `rows [max_tokens]`: each token's row of a layer's scale table: 0 for the base model (the
+  table's row 0 is all ones), slot + 1 for an adapter. A gather by `rows` needs no branch,
+  and rows past the batch keep valid old values, so padded tokens index safely.
+- `order [max_tokens]`: the batch's token positions grouped by slot (stable).
+- `groups [max_groups + 1, 5]`: row 0 is the header (groups, any DoRA, 0, 0, 0); row g + 1
+  describes group g as (slot, start, end, first, is_dora): its tokens are order[start:end],
+  and `first` >= 0 says they are the contiguous positions first .. first + end - start - 1.
+  Base-model tokens form no group: they get nothing.
+
+Host-side copies (`has_dora`, `single_slot`) serve eager mode's fast paths only; traced code
+never reads them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+GROUP_FIELDS = 5  # slot, start, end, first, is_dora
+
+
+@dataclass
+class TokenGroup:
+    slot: int
+    start: int
+    end: int
+    first: int  # -1 when the group's tokens are not contiguous
+    is_dora: bool
+
+    def as_row(self) -> list[int]:
+        return [self.slot, self.start, self.end, self.first, int(self.is_dora)]
+
+
+class BatchPlan:
+    """The persistent per-token tensors that the LoRA layers of one punica wrapper read."""
+
+    def __init__(self, max_tokens: int, max_slots: int, device: torch.device | str) -> None:
+        self.rows = torch.zeros(max_tokens, dtype=torch.long, device=device)
+        self.order = torch.zeros(max_tokens, dtype=torch.long, device=device)
+        self.groups = torch.zeros(max_slots + 1, GROUP_FIELDS, dtype=torch.long)
+        self.dora_slots: set[int] = set()  # slots whose adapter is DoRA (kept by the layers)
+        self.has_dora = False
+        self.single_slot: int | None = None
+
+    def write(self, token_slots: torch.Tensor, present: set[int], with_groups: bool) -> None:
+        """Record a new batch: `token_slots [tokens]` is punica's slot per token (-1: none),
+        `present` the slots in it (known on the host, so no device sync). Groups are only
+        needed by the CPU LoRA path."""
+        self.rows[: token_slots.shape[0]].copy_(token_slots + 1)
+        self.has_dora = bool(present & self.dora_slots)
+        self.single_slot = next(iter(present)) if len(present) == 1 and -1 not in present \
+            else None
+        if with_groups:
+            self._write_groups(token_slots)
+
+    def _write_groups(self, token_slots: torch.Tensor) -> None:
+        order, groups = group_tokens(token_slots, self.dora_slots)
+        self.order[: order.shape[0]].copy_(order)
+        header = [len(groups), int(self.has_dora), 0, 0, 0]
+        table = torch.tensor([header, *(group.as_row() for group in groups)], dtype=torch.long)
+        self.groups[: table.shape[0]].copy_(table)
+
+def read_groups(groups: torch.Tensor) -> list[TokenGroup]:
+    """The groups a plan's `groups` tensor holds (read by the CPU LoRA op, at run time)."""
+    count = int(groups[0, 0])
+    return [TokenGroup(slot, start, end, first, bool(is_dora))
+            for slot, start, end, first, is_dora in groups[1: 1 + count].tolist()]
+
+
+def group_tokens(token_slots: torch.Tensor, dora_slots: set[int],
+                 ) -> tuple[torch.Tensor, list[TokenGroup]]:
+    """Semantics: order = argsort(token_slots, stable); one group per slot s >= 0 present,
+    in slot order, whose tokens are order[start:end]."""
+    order = torch.argsort(token_slots, stable=True)
+    slots, counts = torch.unique_consecutive(token_slots[order], return_counts=True)
+    groups, start = [], 0
+    positions = order.tolist()
+    for slot, count in zip(slots.tolist(), counts.tolist(), strict=True):
+        end = start + count
+        if slot >= 0:
+            contiguous = positions[end - 1] - positions[start] == count - 1
+            groups.append(TokenGroup(slot, start, end, positions[start] if contiguous else -1,
+                                     slot in dora_slots))
+        start = end
+    return order, groups
