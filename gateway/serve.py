@@ -1,9 +1,10 @@
 """`dora-gateway serve`: build the gateway from its config file and run it with uvicorn.
 
-Everything is checked before the port opens: the config, the base model, and every adapter
-in the adapters directory (validated and compiled), so a bad deployment fails at start with
-the reason, not on a user's first request. With no `[engine] backends`, one vLLM server is
-started on loopback for the gateway's lifetime and restarted whenever it dies.
+Everything is checked before the port opens: the config, the base model and the listen port
+(before vLLM starts), and every adapter in the adapters directory (validated, admitted for the
+engines and compiled), so a bad deployment fails at start with the reason and its fix, not on
+a user's first request. With no `[engine] backends`, one vLLM server is started on loopback
+for the gateway's lifetime and restarted whenever it dies.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from gateway.backend import BackendPool
 from gateway.config import GatewayConfig
 from gateway.engine_limits import EngineLimits
 from gateway.registry import AdapterRegistry
+from gateway.startup_checks import check_port_free, checked_base_model
 from gateway.supervisor import EngineSupervisor
 from gateway.vllm_process import EngineSettings, VllmServer
 
@@ -30,12 +32,14 @@ log = logging.getLogger(__name__)
 
 
 def serve(config: GatewayConfig) -> None:
+    base = checked_base_model(config)
+    check_port_free(config.server.host, config.server.port)
     if config.engine.backends:
-        asyncio.run(_serve(config, config.engine.backends))
+        asyncio.run(_serve(config, base, config.engine.backends))
         return
     with local_engine(config) as server:
         log.info("started vLLM at %s (log: %s)", server.base_url, server.log_path)
-        asyncio.run(_serve(config, [server.base_url], local=server))
+        asyncio.run(_serve(config, base, [server.base_url], local=server))
 
 
 def local_engine(config: GatewayConfig) -> VllmServer:
@@ -46,15 +50,14 @@ def local_engine(config: GatewayConfig) -> VllmServer:
     return VllmServer(settings, log_path=paths.home() / "logs" / "vllm-gateway.log")
 
 
-async def _serve(config: GatewayConfig, backend_urls: Sequence[str],
+async def _serve(config: GatewayConfig, base: BaseCheckpoint, backend_urls: Sequence[str],
                  local: VllmServer | None = None) -> None:
     """Run until uvicorn stops; `local` is the vLLM server this gateway started and keeps
     running."""
     pool = BackendPool(backend_urls)
     supervising: asyncio.Task | None = None
     try:
-        registry = AdapterRegistry(BaseCheckpoint(config.model_path),
-                                   CompiledStore(paths.compiled_store_dir()),
+        registry = AdapterRegistry(base, CompiledStore(paths.compiled_store_dir()),
                                    config.adapters.roots, pool,
                                    EngineLimits.from_config(config.engine))
         await registry.add_directory(config.adapters.dir)

@@ -104,8 +104,9 @@ class VllmServer:
                                                timeout_s):
             return
         if self.exited():
-            raise EngineStartError(f"vLLM exited during start-up; log: {self.log_tail()}")
-        raise EngineStartError(f"vLLM not healthy after {timeout_s:.0f}s; log: {self.log_tail()}")
+            status = f" with status {self.process.returncode}" if self.process else ""
+            raise EngineStartError(f"vLLM exited during start-up{status}; {self.log_excerpt()}")
+        raise EngineStartError(f"vLLM not healthy after {timeout_s:.0f}s; {self.log_excerpt()}")
 
     def stop(self) -> None:
         """Stop the server and everything it started: a server that was killed leaves its
@@ -119,6 +120,10 @@ class VllmServer:
         _signal_group(self.process.pid, signal.SIGKILL)
         self.process.wait()
         self.process = None  # its group id may be reused: never signal it again
+
+    def log_excerpt(self) -> str:
+        """Where the log is and how it ends: what an operator needs to see why vLLM failed."""
+        return f"the end of its log ({self.log_path}):\n{self.log_tail()}"
 
     def log_tail(self, lines: int = 30) -> str:
         try:
