@@ -24,7 +24,7 @@ PROMPT = "The ocean is"
 
 
 def write_config(path: Path, *, model: Path, adapters_dir: Path, roots: list[Path],
-                 backends: list[str]) -> Path:
+                 backends: list[str], max_lora_rank: int = 16) -> Path:
     """acme may use `caps` and `pirate`; globex may use every adapter, 16 requests at a time;
     no `backends` makes the gateway start (and supervise) its own vLLM."""
     path.write_text(f"""
@@ -33,6 +33,7 @@ path = "{model}"
 [engine]
 backends = {json.dumps(backends)}
 max_loras = 2
+max_lora_rank = {max_lora_rank}
 [adapters]
 dir = "{adapters_dir}"
 roots = {json.dumps([str(root) for root in roots])}
