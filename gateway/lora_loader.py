@@ -75,7 +75,9 @@ class LoraLoader:
                             still_wanted: Callable[[], bool]) -> bool:
         """Load on `backend` unless already there; False (and nothing loaded) if the adapter
         was removed meanwhile, so a removal never races a load into a leaked slot.
-        `AdapterUnavailable` if a backend refused it."""
+        `AdapterUnavailable` if any backend refused it, so it is served everywhere or nowhere."""
+        if internal_name in self._refused:
+            raise self._refused[internal_name].error()
         if self.is_loaded(internal_name, backend.url):
             return True
         async with self._lock(internal_name, backend.url):

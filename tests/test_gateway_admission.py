@@ -19,8 +19,9 @@ from adapters.base_checkpoint import BaseCheckpoint
 from gateway.admission import engine_refusals
 from gateway.config import EngineConfig
 from gateway.engine_limits import EngineLimits
+from gateway.errors import AdapterUnavailable
 from tests.factories import LLAMA_TARGETS, random_adapter, tiny_mixtral_for_vllm
-from tests.gateway_fakes import ADMIN_KEY, GLOBEX_KEY, make_gateway
+from tests.gateway_fakes import ADMIN_KEY, GLOBEX_KEY, FakeVllm, make_gateway
 
 pytestmark = pytest.mark.anyio
 ADAPTERS = "/admin/adapters"
@@ -209,3 +210,17 @@ async def test_a_backend_dying_during_a_load_is_not_the_adapters_fault(gateway, 
         answer = await client.post(CHAT, json={"model": "caps", "messages": []})
     assert answer.status_code == 503 and answer.json()["error"]["code"] == "backend_unavailable"
     assert gateway.registry.refusal(gateway.registry.get("caps")) is None
+
+
+async def test_a_refusal_by_one_backend_makes_the_adapter_unservable_on_all(
+        tmp_path, llama_base, demo, store_dir):
+    first, second = FakeVllm("http://vllm-a:8000"), FakeVllm("http://vllm-b:8000")
+    gateway = await make_gateway(tmp_path, llama_base, demo, store_dir, first, second)
+    caps, (a, b) = gateway.registry.get("caps"), gateway.pool.backends
+    await gateway.registry.ensure_loaded(caps, a)
+    second.load_error = "DoRA is not supported on quantized base layers (AWQLinearMethod)"
+    for backend in (b, a):
+        with pytest.raises(AdapterUnavailable, match="quantized base layers"):
+            await gateway.registry.ensure_loaded(caps, backend)
+    assert gateway.registry.refusal(caps).backend == second.url
+    await gateway.pool.aclose()
