@@ -1,7 +1,8 @@
-"""Benchmark: the plugin's layer op alone, a DoRA slot against a LoRA slot, at real shapes.
+"""Benchmark: the plugin's layer op alone, a DoRA slot against a LoRA slot and the base
+model, at real shapes.
 
     python -m benchmarks.layer_op [--shapes llama3-8b|smollm2-135m] [--tokens 1 16 64 256]
-                                  [--rank 16] [--seconds 40]
+                                  [--rank 16] [--seconds 40] [--stock]
 
 vLLM's own LoRA layers, patched by this plugin, wrap the four linear layers of one decoder
 block (qkv, o, gate_up, down; float32, random weights, prepared by vLLM's CPU GEMM dispatch as
@@ -9,12 +10,14 @@ in the engine) of Llama-3-8B or of the default model, SmolLM2-135M. Slot 0 holds
 adapter and slot 1 a DoRA adapter with the same A and B, so both do the same LoRA work and
 differ only by the scale step. Every repeat times each case once per layer, in an order that
 rotates (drift hits all cases alike):
-  base   no token has an adapter (vLLM's LoRA ops still run, with slot -1)
-  lora   every token uses the LoRA slot: no DoRA token, so vLLM's own forward
-  dora   every token uses the DoRA slot: one broadcast multiply by the slot's scale row
-  mixed  LoRA and DoRA tokens alternate: a gather of per-token scale rows and a multiply
-Batches are decode batches (one token per sequence, vLLM's bgmv ops); "block" is the sum of
-the four layers. The DoRA / LoRA ratio is taken per repeat and reported as a median with a
+  base   no token has an adapter
+  lora   every token uses the LoRA slot
+  dora   every token uses the DoRA slot
+  mixed  LoRA and DoRA tokens alternate
+Batches are decode batches (one token per sequence); "block" is the sum of the four layers.
+By default the layers run the plugin's grouped CPU LoRA path (`adapters/vllm_plugin/
+cpu_lora.py`); `--stock` runs vLLM's own CPU LoRA ops instead (the DoRA scale as a separate
+step), for comparison. The DoRA / LoRA ratio is taken per repeat and reported as a median with a
 distribution-free 95% interval (`benchmarks/paired_stats.py`).
 """
 
@@ -45,7 +48,7 @@ from tests.vllm_layers import (
 CASES = ("base", "lora", "dora", "mixed")
 MEASUREMENT_SECONDS = 0.002
 HEADER = ("tokens", "layer", "repeats", "base ms", "LoRA ms", "DoRA ms", "mixed ms",
-          "DoRA / LoRA (95% CI)", "mixed / LoRA")
+          "LoRA / base", "DoRA / LoRA (95% CI)", "mixed / LoRA")
 SHAPES = {
     "llama3-8b": BlockShapes(hidden=4096, intermediate=14336, heads=32, kv_heads=8, head_dim=128),
     "smollm2-135m": BlockShapes(hidden=576, intermediate=1536, heads=9, kv_heads=3, head_dim=64),
@@ -111,8 +114,10 @@ def report(name: str, tokens: int, series: dict[str, list[float]]) -> None:
         [d / lo for d, lo in zip(series["dora"], series["lora"], strict=True)])
     mixed = statistics.median(m / lo for m, lo in zip(series["mixed"], series["lora"],
                                                       strict=True))
+    lora = statistics.median(lo / b for lo, b in zip(series["lora"], series["base"],
+                                                     strict=True))
     cells = [str(tokens), name, str(len(series["lora"])),
-             *(f"{medians[case]:.3f}" for case in CASES),
+             *(f"{medians[case]:.3f}" for case in CASES), f"{lora:.4f}",
              f"**{dora:.4f}** ({low:.4f} - {high:.4f})", f"{mixed:.4f}"]
     print("| " + " | ".join(cells) + " |", flush=True)
 
@@ -125,17 +130,20 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=40,
                         help="time budget per token count (all cases, all layers)")
+    parser.add_argument("--stock", action="store_true",
+                        help="vLLM's own CPU LoRA ops instead of the plugin's grouped path")
     args = parser.parse_args()
     generator = torch.Generator().manual_seed(0)
     plugin.register()
     with single_process_vllm(), torch.inference_mode():
         block = lora_block(SHAPES[args.shapes], args.rank, max(args.tokens), generator)
         for layer in block.layers.values():
+            layer.dora_cpu_lora = not args.stock
             a, b, s = random_slot_weights(layer, args.rank, generator)
             load_slot(layer, LORA_SLOT, a, b, None)
             load_slot(layer, DORA_SLOT, a, b, s)
-        print(f"{args.shapes}, rank {args.rank}, torch {torch.__version__}, "
-              f"{torch.get_num_threads()} threads")
+        print(f"{args.shapes}, rank {args.rank}, {'stock' if args.stock else 'grouped'} LoRA"
+              f" path, torch {torch.__version__}, {torch.get_num_threads()} threads")
         print(f"| {' | '.join(HEADER)} |\n|{'---|' * len(HEADER)}")
         for tokens in args.tokens:
             bench_tokens(block.layers, block.wrapper, tokens, args.seconds, generator)

@@ -33,16 +33,20 @@ def complete(base_url: str, model: str, prompt: str, max_tokens: int = 8) -> Com
 
 
 @cache
-def _reference_model(base_dir: Path, adapter_dir: Path | None) -> torch.nn.Module:
-    return load_base(base_dir) if adapter_dir is None else load_peft(base_dir, adapter_dir)
+def _reference_model(base_dir: Path, adapter_dir: Path | None, dtype: torch.dtype,
+                     ) -> torch.nn.Module:
+    if adapter_dir is None:
+        return load_base(base_dir, dtype)
+    return load_peft(base_dir, adapter_dir, dtype)
 
 
 def reference(base_dir: Path, adapter_dir: Path | None, completion: Completion,
-              ) -> tuple[list[int], list[float]]:
-    """PEFT's greedy choice and its logprob of the engine's token at every generated step."""
+              dtype: torch.dtype = torch.float32) -> tuple[list[int], list[float]]:
+    """PEFT's greedy choice and its logprob of the engine's token at every generated step
+    (the model run in `dtype`, its logits compared in float32)."""
     ids = torch.tensor([completion.prompt_ids + completion.token_ids])
     with torch.no_grad():
-        logits = _reference_model(base_dir, adapter_dir)(ids).logits[0].float()
+        logits = _reference_model(base_dir, adapter_dir, dtype)(ids).logits[0].float()
     steps = logits[len(completion.prompt_ids) - 1: -1].log_softmax(-1)
     chosen = torch.tensor(completion.token_ids)
     return steps.argmax(-1).tolist(), steps.gather(1, chosen[:, None])[:, 0].tolist()

@@ -61,13 +61,14 @@ def random_adapter(base_dir: Path, out_dir: Path, *, seed: int = 1, **lora_kwarg
     return out_dir
 
 
-def load_peft(base_dir: Path, adapter_dir: Path) -> PeftModel:
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+def load_peft(base_dir: Path, adapter_dir: Path, dtype: torch.dtype = torch.float32,
+              ) -> PeftModel:
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
     return PeftModel.from_pretrained(model, adapter_dir).eval()
 
 
-def load_base(base_dir: Path) -> PreTrainedModel:
-    return AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+def load_base(base_dir: Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    return AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype).eval()
 
 
 def tiny_llama_for_vllm(directory: Path, tokenizer_dir: Path, seed: int = 0) -> Path:

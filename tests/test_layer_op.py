@@ -71,6 +71,29 @@ def test_layer_outputs_follow_the_formula_per_token(block, batch):
                                    rtol=1e-5, atol=1e-6, msg=f"{name}, {batch}")
 
 
+LONG_PREFILL = ([None] * 100 + [DORA_SLOT] * 150 + [LORA_SLOT] * 60 + [None] * 10
+                + [DORA_SLOT] * 40 + [LORA_SLOT] * 40)
+
+
+@pytest.mark.parametrize("slots", [LONG_PREFILL, LONG_PREFILL[::-1]], ids=["long", "reversed"])
+def test_long_prefill_batches_with_split_runs_follow_the_formula(vllm_context, slots):
+    """Prompts of several sequences in one batch, each slot in two separate runs (the
+    gathered path) and base-model tokens around them."""
+    plugin.register()
+    generator = torch.Generator().manual_seed(5)
+    block = lora_block(SHAPES, MAX_RANK, max_tokens=len(slots), generator=generator, bias=True)
+    select_batch(block.wrapper, slots, is_prefill=True)
+    for name, layer in block.layers.items():
+        a, b, s = random_slot_weights(layer, RANK, generator)
+        b = [10 * b_i for b_i in b]
+        load_slot(layer, LORA_SLOT, a, b, None)
+        load_slot(layer, DORA_SLOT, a, b, s)
+        x = torch.randn(len(slots), layer.input_size, generator=generator)
+        weights = (*block.base_weights[name], a, b, s)
+        torch.testing.assert_close(layer(x)[0], expected(x, slots, *weights),
+                                   rtol=1e-5, atol=1e-5, msg=name)
+
+
 def test_the_dora_slot_differs_from_its_lora_twin(block):
     """The scale really is applied: the same A and B without it give other outputs."""
     block, _ = block

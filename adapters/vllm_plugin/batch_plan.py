@@ -10,7 +10,7 @@ few persistent tensors, rewritten in place whenever vLLM maps a new batch:
   table's row 0 is all ones), slot + 1 for an adapter. A gather by `rows` needs no branch,
   and rows past the batch keep valid old values, so padded tokens index safely.
 - `order [max_tokens]`: the batch's token positions grouped by slot (stable).
-- `groups [max_groups + 1, 5]`: row 0 is the header (groups, any DoRA, 0, 0, 0); row g + 1
+- `groups [max_slots + 1, 5]`: row 0 starts with the number of groups; row g + 1
   describes group g as (slot, start, end, first, is_dora): its tokens are order[start:end],
   and `first` >= 0 says they are the contiguous positions first .. first + end - start - 1.
   Base-model tokens form no group: they get nothing.
@@ -47,7 +47,8 @@ class BatchPlan:
         self.rows = torch.zeros(max_tokens, dtype=torch.long, device=device)
         self.order = torch.zeros(max_tokens, dtype=torch.long, device=device)
         self.groups = torch.zeros(max_slots + 1, GROUP_FIELDS, dtype=torch.long)
-        self.dora_slots: set[int] = set()  # slots whose adapter is DoRA (kept by the layers)
+        self.dora_slots: set[int] = set()  # slots whose adapter is DoRA (see `mark_dora`)
+        self.present: set[int] = set()
         self.has_dora = False
         self.single_slot: int | None = None
 
@@ -56,16 +57,30 @@ class BatchPlan:
         `present` the slots in it (known on the host, so no device sync). Groups are only
         needed by the CPU LoRA path."""
         self.rows[: token_slots.shape[0]].copy_(token_slots + 1)
+        self.present = present
         self.has_dora = bool(present & self.dora_slots)
         self.single_slot = next(iter(present)) if len(present) == 1 and -1 not in present \
             else None
         if with_groups:
             self._write_groups(token_slots)
 
+    def mark_dora(self, slot: int, is_dora: bool) -> None:
+        """Record whether `slot` now holds a DoRA adapter, also in the current batch's groups:
+        vLLM may fill a slot without mapping a new batch."""
+        if (slot in self.dora_slots) == is_dora:
+            return
+        if is_dora:
+            self.dora_slots.add(slot)
+        else:
+            self.dora_slots.discard(slot)
+        self.has_dora = bool(self.present & self.dora_slots)
+        rows = self.groups[1: 1 + int(self.groups[0, 0])]
+        rows[rows[:, 0] == slot, 4] = int(is_dora)
+
     def _write_groups(self, token_slots: torch.Tensor) -> None:
         order, groups = group_tokens(token_slots, self.dora_slots)
         self.order[: order.shape[0]].copy_(order)
-        header = [len(groups), int(self.has_dora), 0, 0, 0]
+        header = [len(groups), 0, 0, 0, 0]
         table = torch.tensor([header, *(group.as_row() for group in groups)], dtype=torch.long)
         self.groups[: table.shape[0]].copy_(table)
 

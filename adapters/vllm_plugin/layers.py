@@ -74,7 +74,7 @@ def allocate_scales(layer: BaseLinearLayerWithLoRA, max_loras: int) -> None:
 
 def reset_scale(layer: BaseLinearLayerWithLoRA, index: int) -> None:
     layer.dora_scales[index + 1] = 1
-    plan_of(layer).dora_slots.discard(index)
+    plan_of(layer).mark_dora(index, False)
 
 
 def set_scale(layer: BaseLinearLayerWithLoRA, index: int,
@@ -93,7 +93,7 @@ def set_scale(layer: BaseLinearLayerWithLoRA, index: int,
     row = torch.cat([torch.ones(size, 1) if c is None else c.float()
                      for c, size in zip(columns, layer.output_slices, strict=True)])
     layer.dora_scales[index + 1].copy_(row[:, 0])
-    plan_of(layer).dora_slots.add(index)
+    plan_of(layer).mark_dora(index, True)
 
 
 def plan_of(layer: BaseLinearLayerWithLoRA) -> BatchPlan:
