@@ -15,8 +15,8 @@ few persistent tensors, rewritten in place whenever vLLM maps a new batch:
   and `first` >= 0 says they are the contiguous positions first .. first + end - start - 1.
   Base-model tokens form no group: they get nothing.
 
-Host-side copies (`has_dora`, `single_slot`) serve eager mode's fast paths only; traced code
-never reads them.
+Host-side copies (`has_dora`, `single_slot`, `host_groups`) serve eager mode's fast paths
+only; traced code never reads them.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ class BatchPlan:
         self.groups = torch.zeros(max_slots + 1, GROUP_FIELDS, dtype=torch.long)
         self.dora_slots: set[int] = set()  # slots whose adapter is DoRA (see `mark_dora`)
         self.present: set[int] = set()
+        self.host_groups: list[TokenGroup] = []  # `groups` as read back, for eager mode
         self.has_dora = False
         self.single_slot: int | None = None
 
@@ -74,11 +75,15 @@ class BatchPlan:
         else:
             self.dora_slots.discard(slot)
         self.has_dora = bool(self.present & self.dora_slots)
-        rows = self.groups[1: 1 + int(self.groups[0, 0])]
+        rows = self.groups[1: 1 + len(self.host_groups)]
         rows[rows[:, 0] == slot, 4] = int(is_dora)
+        for group in self.host_groups:
+            if group.slot == slot:
+                group.is_dora = is_dora
 
     def _write_groups(self, token_slots: torch.Tensor) -> None:
         order, groups = group_tokens(token_slots, self.dora_slots)
+        self.host_groups = groups
         self.order[: order.shape[0]].copy_(order)
         header = [len(groups), 0, 0, 0, 0]
         table = torch.tensor([header, *(group.as_row() for group in groups)], dtype=torch.long)

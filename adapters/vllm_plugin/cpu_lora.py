@@ -19,6 +19,8 @@ one opaque call, as it does vLLM's GPU LoRA kernels, and it reads the batch plan
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch.library import Library
 from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
@@ -44,6 +46,22 @@ def fuse_lora_weights(layer: BaseLinearLayerWithLoRA) -> None:
     layer.lora_b_stacked = tuple(
         layer.fused_b[:, None, offset:offset + size, i * rank:(i + 1) * rank]
         for i, (offset, size) in enumerate(zip(offsets, out_sizes, strict=True)))
+    layer.dora_slot_weights = SlotWeights.of(layer.fused_a, layer.fused_b, layer.dora_scales)
+
+
+class SlotWeights(NamedTuple):
+    """Per-slot views of a layer's fused weights, made once (indexing and transposing per
+    layer and step would cost as much as the small matmuls themselves)."""
+
+    a_t: tuple[torch.Tensor, ...]  # [in, R] per slot
+    b_t: tuple[torch.Tensor, ...]  # [R, out] per slot
+    scale: tuple[torch.Tensor, ...]  # [out] per slot (the scale table without row 0)
+
+    @classmethod
+    def of(cls, fused_a: torch.Tensor, fused_b: torch.Tensor, scales: torch.Tensor,
+           ) -> SlotWeights:
+        return cls(fused_a.transpose(1, 2).unbind(0), fused_b.transpose(1, 2).unbind(0),
+                   scales.unbind(0)[1:])
 
 
 def add_lora(output: torch.Tensor, x: torch.Tensor, fused_a: torch.Tensor,
@@ -58,24 +76,24 @@ def add_lora(output: torch.Tensor, x: torch.Tensor, fused_a: torch.Tensor,
     `order` and `groups` are a `BatchPlan`'s. Rows past the plan's tokens (padding) are
     left as they are.
     """
-    for group in read_groups(groups):
-        _add_group(output, x, fused_a[group.slot], fused_b[group.slot],
-                   scales[group.slot + 1], order, group)
+    add_groups(output, x, read_groups(groups), SlotWeights.of(fused_a, fused_b, scales), order)
 
 
-def _add_group(output: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-               scale: torch.Tensor, order: torch.Tensor, group: TokenGroup) -> None:
-    if group.first >= 0:  # contiguous tokens: views, nothing copied
-        span = slice(group.first, group.first + group.end - group.start)
-        y, x_group = output[span], x[span]
-    else:
-        positions = order[group.start:group.end]
-        y, x_group = output.index_select(0, positions), x.index_select(0, positions)
-    if group.is_dora:
-        y.mul_(scale)
-    y.addmm_(torch.mm(x_group, a.t()), b.t())
-    if group.first < 0:
-        output.index_copy_(0, positions, y)
+def add_groups(output: torch.Tensor, x: torch.Tensor, groups: list[TokenGroup],
+               weights: SlotWeights, order: torch.Tensor) -> None:
+    """`add_lora` over groups and weights already read from their tensors."""
+    for group in groups:
+        if group.first >= 0:  # contiguous tokens: views, nothing copied
+            span = slice(group.first, group.first + group.end - group.start)
+            y, x_group = output[span], x[span]
+        else:
+            positions = order[group.start:group.end]
+            y, x_group = output.index_select(0, positions), x.index_select(0, positions)
+        if group.is_dora:
+            y.mul_(weights.scale[group.slot])
+        y.addmm_(torch.mm(x_group, weights.a_t[group.slot]), weights.b_t[group.slot])
+        if group.first < 0:
+            output.index_copy_(0, positions, y)
 
 
 def _add_lora_fake(output: torch.Tensor, x: torch.Tensor, fused_a: torch.Tensor,
@@ -93,8 +111,11 @@ def register_op() -> None:
 
 def apply_lora(layer: BaseLinearLayerWithLoRA, output: torch.Tensor, x: torch.Tensor,
                plan: BatchPlan) -> None:
-    """`add_lora` for one layer: through the custom op while Dynamo traces (the graph holds
-    one opaque call that reads the plan at run time), directly otherwise (no dispatcher
-    overhead in eager mode)."""
-    op = torch.ops.dora_gateway.add_lora if torch.compiler.is_compiling() else add_lora
-    op(output, x, layer.fused_a, layer.fused_b, layer.dora_scales, plan.order, plan.groups)
+    """`add_lora` for one layer: while Dynamo traces, as the custom op (the graph holds one
+    opaque call that reads the plan's tensors at run time); eagerly, straight from the
+    plan's host copy of its groups and the layer's slot views."""
+    if torch.compiler.is_compiling():
+        torch.ops.dora_gateway.add_lora(output, x, layer.fused_a, layer.fused_b,
+                                        layer.dora_scales, plan.order, plan.groups)
+    else:
+        add_groups(output, x, plan.host_groups, layer.dora_slot_weights, plan.order)
