@@ -37,7 +37,7 @@ from transformers import AutoTokenizer
 from adapters import paths
 from benchmarks.paired_stats import median_with_interval
 from benchmarks.pinning import pin_worker_apart
-from gateway.vllm_process import EngineSettings, VllmServer
+from gateway.engine.process import EngineSettings, VllmServer
 from tests.factories import LLAMA_TARGETS, load_base, load_peft, random_adapter
 from tests.test_engine_dora import without_magnitude
 

@@ -29,8 +29,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from adapters import paths
 from benchmarks.pinning import pin_worker_apart
 from gateway.bench.load import BenchSettings, Measurement, make_client, run_bench
-from gateway.stats import percentile
-from gateway.vllm_process import EngineSettings, VllmServer
+from gateway.engine.process import EngineSettings, VllmServer
+from gateway.telemetry.latency import percentile
 from tests.gateway_process import GLOBEX_KEY, GatewayProcess, write_config
 
 MODELS = ("base", "pirate")

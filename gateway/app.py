@@ -13,17 +13,17 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from gateway.access import Access
-from gateway.admin_routes import admin_router, is_upload_path
-from gateway.backend import BackendPool
-from gateway.body_limit import BodyLimitMiddleware
+from gateway.api.admin_routes import admin_router, is_upload_path
+from gateway.api.body_limit import BodyLimitMiddleware
+from gateway.api.error_handlers import install_error_handlers
+from gateway.api.observability_routes import observability_router
+from gateway.api.openai_routes import openai_router
 from gateway.config import GatewayConfig
-from gateway.error_handlers import install_error_handlers
-from gateway.health import health_router, load_eagerly, watch
-from gateway.observability_routes import observability_router
-from gateway.openai_routes import openai_router
 from gateway.registry import AdapterRegistry
-from gateway.telemetry import Telemetry
+from gateway.telemetry.hub import Telemetry
+from gateway.tenancy.access import Access
+from gateway.upstream.health_checks import health_router, load_eagerly, watch
+from gateway.upstream.pool import BackendPool
 
 
 def create_app(config: GatewayConfig, registry: AdapterRegistry, backends: BackendPool) -> FastAPI:

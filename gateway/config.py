@@ -20,8 +20,8 @@ import httpx
 
 from adapters import paths
 from adapters.errors import DoraGatewayError
-from gateway.key_specs import parse_key, parse_secret
-from gateway.tenancy import ALL_ADAPTERS, Tenant, valid_name
+from gateway.tenancy.keys import parse_key, parse_secret
+from gateway.tenancy.tenants import ALL_ADAPTERS, Tenant, valid_name
 
 SECTIONS = {"model", "server", "engine", "adapters", "admin", "metrics", "tenants"}
 METRICS_ACCESS = ("local", "key", "open")

@@ -26,9 +26,8 @@ from adapters.compiled import METADATA_FILE
 from adapters.errors import AdapterError
 from adapters.peft_adapter import CONFIG_FILE
 from adapters.store import CompiledStore
-from gateway.admission import engine_refusals, validation_problems
-from gateway.backend import Backend, BackendPool
-from gateway.engine_limits import VLLM_DEFAULTS, EngineLimits
+from gateway.engine.admission import engine_refusals, validation_problems
+from gateway.engine.limits import VLLM_DEFAULTS, EngineLimits
 from gateway.errors import (
     AdapterUnavailable,
     Conflict,
@@ -37,8 +36,9 @@ from gateway.errors import (
     ModelNotFound,
     NotFound,
 )
-from gateway.lora_loader import LoraLoader, Refusal
-from gateway.tenancy import valid_name
+from gateway.tenancy.tenants import valid_name
+from gateway.upstream.lora_loader import LoraLoader, Refusal
+from gateway.upstream.pool import Backend, BackendPool
 
 BASE_MODEL = "base"
 

@@ -20,13 +20,13 @@ from adapters import paths
 from adapters.base_checkpoint import BaseCheckpoint
 from adapters.store import CompiledStore
 from gateway.app import create_app
-from gateway.backend import BackendPool
 from gateway.config import GatewayConfig
-from gateway.engine_limits import EngineLimits
+from gateway.engine.limits import EngineLimits
+from gateway.engine.process import EngineSettings, VllmServer
+from gateway.engine.supervisor import EngineSupervisor
 from gateway.registry import AdapterRegistry
 from gateway.startup_checks import check_port_free, checked_base_model
-from gateway.supervisor import EngineSupervisor
-from gateway.vllm_process import EngineSettings, VllmServer
+from gateway.upstream.pool import BackendPool
 
 log = logging.getLogger(__name__)
 

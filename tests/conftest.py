@@ -11,7 +11,7 @@ import torch
 
 from adapters import paths
 from adapters.default_model import prepare_default_model
-from gateway.vllm_process import EngineSettings, VllmServer
+from gateway.engine.process import EngineSettings, VllmServer
 from tests.factories import LLAMA_TARGETS, random_adapter, tiny_gpt2, tiny_llama
 from tests.gateway_process import GatewayProcess, write_config
 from tests.vllm_layers import single_process_vllm

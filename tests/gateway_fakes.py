@@ -20,10 +20,10 @@ from fastapi import FastAPI
 from adapters.base_checkpoint import BaseCheckpoint
 from adapters.store import CompiledStore
 from gateway.app import create_app
-from gateway.backend import BackendPool
 from gateway.config import GatewayConfig, load_config
-from gateway.engine_limits import EngineLimits
+from gateway.engine.limits import EngineLimits
 from gateway.registry import AdapterRegistry
+from gateway.upstream.pool import BackendPool
 from tests.factories import LLAMA_TARGETS, random_adapter
 
 ACME_KEY = "sk-acme-0123456789abcdef"

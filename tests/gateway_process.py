@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 
-from gateway.vllm_process import free_port, wait_until_ok
+from gateway.engine.process import free_port, wait_until_ok
 from tests.gateway_fakes import ACME_KEY, ADMIN_KEY, GLOBEX_KEY
 
 GATEWAY_CLI = str(Path(sys.executable).with_name("dora-gateway"))

@@ -32,8 +32,8 @@ from gateway.bench.load import (
 )
 from gateway.bench.report import summarize, table
 from gateway.cli import build_parser, main
-from gateway.stats import percentile
-from gateway.vllm_process import free_port
+from gateway.engine.process import free_port
+from gateway.telemetry.latency import percentile
 from tests.conftest import TEST_OUTPUT
 from tests.gateway_fakes import GLOBEX_KEY
 from tests.gateway_process import GATEWAY_CLI

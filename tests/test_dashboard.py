@@ -29,10 +29,10 @@ from playwright.sync_api import Browser, Page, Request, Route, expect, sync_play
 from adapters.base_checkpoint import BaseCheckpoint
 from adapters.store import CompiledStore
 from gateway.app import create_app
-from gateway.backend import BackendPool
 from gateway.config import load_config
+from gateway.engine.process import free_port
 from gateway.registry import AdapterRegistry
-from gateway.vllm_process import free_port
+from gateway.upstream.pool import BackendPool
 from tests.conftest import TEST_OUTPUT
 from tests.gateway_fakes import (
     ADMIN_KEY,

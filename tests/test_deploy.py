@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from gateway.config import load_config
-from gateway.vllm_process import free_port, wait_until_ok
+from gateway.engine.process import free_port, wait_until_ok
 from tests.gateway_process import GLOBEX_KEY, PROMPT, data_events
 
 ROOT = Path(__file__).resolve().parent.parent

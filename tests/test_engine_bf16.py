@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gateway.vllm_process import EngineSettings, VllmServer
+from gateway.engine.process import EngineSettings, VllmServer
 from tests.conftest import TEST_OUTPUT
 from tests.engine import Completion, complete, reference
 from tests.test_engine_dora import without_magnitude

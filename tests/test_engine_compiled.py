@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from adapters.vllm_plugin.compile_mode import COMPILE_ENV
-from gateway.vllm_process import EngineSettings, VllmServer
+from gateway.engine.process import EngineSettings, VllmServer
 from tests.conftest import TEST_OUTPUT
 from tests.engine import LOGPROB_TOLERANCE, complete, max_logprob_gap
 

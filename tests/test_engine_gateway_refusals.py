@@ -20,7 +20,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.vllm_process import free_port
+from gateway.engine.process import free_port
 from tests.conftest import TEST_OUTPUT
 from tests.engine import load_adapter
 from tests.factories import random_adapter

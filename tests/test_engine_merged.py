@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from adapters.merge import merge_adapter
-from gateway.vllm_process import EngineSettings, VllmServer
+from gateway.engine.process import EngineSettings, VllmServer
 from tests.conftest import TEST_OUTPUT
 from tests.engine import LOGPROB_TOLERANCE, complete, max_logprob_gap
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gateway.vllm_process import EngineSettings, VllmServer
+from gateway.engine.process import EngineSettings, VllmServer
 from tests.conftest import TEST_OUTPUT
 from tests.engine import load_adapter
 from tests.factories import expert_dora_adapter, tiny_mixtral_for_vllm

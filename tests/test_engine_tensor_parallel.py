@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.vllm_process import EngineSettings, VllmServer
+from gateway.engine.process import EngineSettings, VllmServer
 from tests.conftest import TEST_OUTPUT
 from tests.engine import LOGPROB_TOLERANCE, complete, max_logprob_gap, reference
 from tests.factories import LLAMA_TARGETS, random_adapter, tiny_llama_for_vllm

@@ -16,9 +16,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load_file, save_file
 
 from adapters.base_checkpoint import BaseCheckpoint
-from gateway.admission import engine_refusals
 from gateway.config import EngineConfig
-from gateway.engine_limits import EngineLimits
+from gateway.engine.admission import engine_refusals
+from gateway.engine.limits import EngineLimits
 from gateway.errors import AdapterUnavailable
 from tests.factories import LLAMA_TARGETS, random_adapter, tiny_mixtral_for_vllm
 from tests.gateway_fakes import ADMIN_KEY, GLOBEX_KEY, FakeVllm, make_gateway

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.health import refresh
+from gateway.upstream.health_checks import refresh
 from tests.gateway_fakes import ADMIN_KEY, GLOBEX_KEY, FakeVllm, make_gateway
 
 pytestmark = pytest.mark.anyio

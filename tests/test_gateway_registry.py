@@ -15,7 +15,6 @@ from safetensors.torch import load_file, save_file
 from adapters.base_checkpoint import BaseCheckpoint
 from adapters.compile import adapter_content_hash
 from adapters.store import CompiledStore
-from gateway.backend import BackendPool
 from gateway.errors import (
     AdapterUnavailable,
     BackendUnreachable,
@@ -26,6 +25,7 @@ from gateway.errors import (
     NotFound,
 )
 from gateway.registry import AdapterRegistry
+from gateway.upstream.pool import BackendPool
 from tests.factories import LLAMA_TARGETS, random_adapter
 from tests.gateway_fakes import fake_transport
 

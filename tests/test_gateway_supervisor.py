@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import psutil
 import pytest
 
-from gateway.supervisor import EngineSupervisor
-from gateway.vllm_process import EngineSettings, VllmServer
+from gateway.engine.process import EngineSettings, VllmServer
+from gateway.engine.supervisor import EngineSupervisor
 from tests.gateway_fakes import (
     GLOBEX_KEY,
     FakeVllm,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.latency_window import LatencyWindow
-from gateway.request_record import RequestRecord
-from gateway.stats import percentile
+from gateway.telemetry.latency import percentile
+from gateway.telemetry.records import RequestRecord
+from gateway.telemetry.window import LatencyWindow
 
 
 class Clock:

@@ -31,12 +31,12 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
-from gateway.vllm_process import EngineSettings, VllmServer
+from gateway.engine.process import EngineSettings, VllmServer
 from tests.engine import LOGPROB_TOLERANCE, complete, max_logprob_gap
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "adapters" / "demo"
-DASHBOARD = REPO / "gateway" / "dashboard"
+DASHBOARD = REPO / "gateway" / "telemetry" / "dashboard"
 # Where this venv keeps the engine and every other distribution.
 ENGINE_SITES = {Path(sysconfig.get_paths()[key]) for key in ("purelib", "platlib")}
 # Environment variables that would put the source tree or this venv in front of the new one.
@@ -47,7 +47,7 @@ from importlib import metadata
 import adapters, gateway
 import adapters.vllm_plugin as plugin
 from adapters import paths
-from gateway.observability_routes import ASSETS
+from gateway.api.observability_routes import ASSETS
 from vllm.plugins import load_general_plugins
 
 load_general_plugins()
@@ -160,7 +160,7 @@ def test_the_wheel_carries_the_package_data_entry_points_and_python_range(dist):
         entry_points = configparser.ConfigParser()
         entry_points.read_string(archive.read(f"{dist_info(wheel)}/entry_points.txt").decode())
     expected = {**{f"adapters/demo/{name}": sha for name, sha in packaged_demo_files().items()},
-                **{f"gateway/dashboard/{name}": sha
+                **{f"gateway/telemetry/dashboard/{name}": sha
                    for name, sha in sha256_tree(DASHBOARD, "*").items()}}
     assert {name: packaged.get(name) for name in expected} == expected
     assert {section: dict(entry_points[section]) for section in entry_points.sections()} == {

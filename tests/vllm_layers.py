@@ -27,7 +27,7 @@ from vllm.model_executor.layers.linear import (
 )
 
 from adapters.vllm_plugin.layers import set_scale
-from gateway.vllm_process import free_port
+from gateway.engine.process import free_port
 
 LORA_SLOT, DORA_SLOT = 0, 1
 LORA_IDS = {LORA_SLOT: 1, DORA_SLOT: 2}  # vLLM's adapter ids; 0 means "no adapter"

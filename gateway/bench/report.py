@@ -18,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 
 from gateway.bench.load import BenchSettings, Measurement
-from gateway.stats import percentile
+from gateway.telemetry.latency import percentile
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from gateway.errors import InvalidRequest, ModelNotFound
 from gateway.registry import BASE_MODEL, AdapterEntry, AdapterRegistry
-from gateway.tenancy import Tenant
+from gateway.tenancy.tenants import Tenant
 
 MAX_N = 8
 GATEWAY_FIELDS = ("cache_salt", "request_id")

@@ -16,11 +16,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from gateway.access import Access
 from gateway.errors import NotFound
-from gateway.telemetry import Telemetry
+from gateway.telemetry.hub import Telemetry
+from gateway.tenancy.access import Access
 
-ASSETS = resources.files("gateway") / "dashboard"
+ASSETS = resources.files("gateway.telemetry") / "dashboard"
 ASSET_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                ".css": "text/css; charset=utf-8"}
 

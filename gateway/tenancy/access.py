@@ -12,7 +12,13 @@ from starlette.requests import Request
 
 from gateway.config import GatewayConfig, MetricsConfig
 from gateway.errors import AuthenticationFailed
-from gateway.tenancy import ConcurrencyLimiter, KeyRing, Tenant, bearer_key, tenant_cache_salt
+from gateway.tenancy.tenants import (
+    ConcurrencyLimiter,
+    KeyRing,
+    Tenant,
+    bearer_key,
+    tenant_cache_salt,
+)
 
 MISSING_KEY = ("You didn't provide an API key. You need to provide your API key in an "
                "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)")

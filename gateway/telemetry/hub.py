@@ -11,14 +11,14 @@ from collections.abc import Iterable
 
 from prometheus_client.core import Metric
 
-from gateway.backend import BackendPool
-from gateway.latency_window import LatencyWindow
-from gateway.lora_loader import Refusal
-from gateway.metrics import GatewayMetrics, gauge
 from gateway.registry import BASE_MODEL, AdapterEntry, AdapterRegistry
-from gateway.request_meter import RequestMeter
-from gateway.request_record import BASE, DORA, LORA, RequestRecord
-from gateway.tenancy import ConcurrencyLimiter
+from gateway.telemetry.meter import RequestMeter
+from gateway.telemetry.prometheus import GatewayMetrics, gauge
+from gateway.telemetry.records import BASE, DORA, LORA, RequestRecord
+from gateway.telemetry.window import LatencyWindow
+from gateway.tenancy.tenants import ConcurrencyLimiter
+from gateway.upstream.lora_loader import Refusal
+from gateway.upstream.pool import BackendPool
 
 
 def adapter_type(entry: AdapterEntry | None) -> str:

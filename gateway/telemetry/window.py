@@ -12,8 +12,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from gateway.request_record import BASE, RequestRecord
-from gateway.stats import percentile
+from gateway.telemetry.latency import percentile
+from gateway.telemetry.records import BASE, RequestRecord
 
 DEFAULT_WINDOW_S = 300.0
 MAX_SAMPLES_PER_ADAPTER = 10_000

@@ -12,9 +12,9 @@ import logging
 from fastapi import APIRouter
 from starlette.responses import JSONResponse
 
-from gateway.backend import Backend, BackendPool
 from gateway.errors import GatewayError
 from gateway.registry import AdapterRegistry
+from gateway.upstream.pool import Backend, BackendPool
 
 HEALTH_INTERVAL_S = 5.0
 

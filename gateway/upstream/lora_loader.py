@@ -21,8 +21,8 @@ from pathlib import Path
 
 import httpx
 
-from gateway.backend import Backend, BackendPool
 from gateway.errors import AdapterUnavailable, BackendUnreachable, GatewayError
+from gateway.upstream.pool import Backend, BackendPool
 
 LOAD_PATH = "/v1/load_lora_adapter"
 UNLOAD_PATH = "/v1/unload_lora_adapter"

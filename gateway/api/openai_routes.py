@@ -12,10 +12,7 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from gateway.access import Access
-from gateway.backend import BackendPool
-from gateway.errors import ModelNotFound
-from gateway.openai_request import (
+from gateway.api.openai_request import (
     CHAT,
     COMPLETIONS,
     Route,
@@ -25,10 +22,13 @@ from gateway.openai_request import (
     resolve_model,
     upstream_body,
 )
-from gateway.proxy import Target, forward
+from gateway.errors import ModelNotFound
 from gateway.registry import BASE_MODEL, AdapterRegistry
-from gateway.telemetry import Telemetry
-from gateway.tenancy import Tenant
+from gateway.telemetry.hub import Telemetry
+from gateway.tenancy.access import Access
+from gateway.tenancy.tenants import Tenant
+from gateway.upstream.pool import BackendPool
+from gateway.upstream.proxy import Target, forward
 
 OWNER = "dora-gateway"
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-from gateway.tenancy import key_digest
+from gateway.tenancy.tenants import key_digest
 
 MIN_KEY_CHARS = 16
 SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")

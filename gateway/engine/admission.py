@@ -21,7 +21,7 @@ from adapters.base_checkpoint import BaseCheckpoint
 from adapters.base_fit import check_fits
 from adapters.errors import AdapterError
 from adapters.peft_adapter import CONFIG_FILE, KEY_PREFIX, TENSOR_ROLES, WEIGHTS_FILE, read_adapter
-from gateway.engine_limits import EngineLimits
+from gateway.engine.limits import EngineLimits
 
 # vLLM 0.32's PEFTHelper: inits that only set the starting weights; the others (PiSSA, OLoRA,
 # CorDA, LoftQ) change the base weights, which a server of the unmodified base cannot honour.

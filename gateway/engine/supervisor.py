@@ -14,9 +14,9 @@ import asyncio
 import logging
 from typing import Protocol
 
-from gateway.backend import BackendPool
-from gateway.health import load_eagerly
 from gateway.registry import AdapterRegistry
+from gateway.upstream.health_checks import load_eagerly
+from gateway.upstream.pool import BackendPool
 
 POLL_INTERVAL_S = 1.0
 READY_TIMEOUT_S = 300.0

@@ -15,11 +15,11 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from gateway.access import Access
-from gateway.backend import Backend, BackendPool
+from gateway.api.uploads import MAX_PARTS, store_upload, upload_parts
 from gateway.errors import Conflict
 from gateway.registry import AdapterEntry, AdapterRegistry, check_name
-from gateway.uploads import MAX_PARTS, store_upload, upload_parts
+from gateway.tenancy.access import Access
+from gateway.upstream.pool import Backend, BackendPool
 
 ADAPTERS_PATH = "/admin/adapters"
 

@@ -24,11 +24,11 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from gateway.backend import Backend, BackendPool
 from gateway.errors import BackendError, BackendUnavailable, BackendUnreachable, error_body
 from gateway.registry import BASE_MODEL, AdapterEntry, AdapterRegistry
-from gateway.request_meter import RequestMeter
-from gateway.tenancy import Lease
+from gateway.telemetry.meter import RequestMeter
+from gateway.tenancy.tenants import Lease
+from gateway.upstream.pool import Backend, BackendPool
 
 CLIENT_CLOSED_REQUEST = 499
 GATEWAY_TIMEOUT = 504

@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from gateway.request_record import RequestRecord
+from gateway.telemetry.records import RequestRecord
 
 PREFIX = "dora_gateway"
 REQUEST_LABELS = ("tenant", "adapter", "adapter_type")

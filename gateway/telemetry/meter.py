@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from gateway.errors import GatewayError
-from gateway.request_record import RequestRecord
+from gateway.telemetry.records import RequestRecord
 
 Clock = Callable[[], float]
 
