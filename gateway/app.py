@@ -43,9 +43,11 @@ def create_app(config: GatewayConfig, registry: AdapterRegistry, backends: Backe
 
     app = FastAPI(title="dora-gateway", docs_url=None, redoc_url=None, openapi_url=None,
                   lifespan=lifespan)
-    access = Access(config)
+    access = Access(config.tenants, admin_keys=config.admin_key_digests,
+                    metrics_keys=config.metrics.key_digests, metrics_access=config.metrics.access,
+                    cache_salt_secret=config.server.cache_salt_secret)
     telemetry = Telemetry(config.metrics.window_seconds)
-    telemetry.watch(access.limiters, backends, registry)
+    telemetry.watch(access.in_flight, backends, registry)
     registry.add_observer(telemetry)
     app.include_router(openai_router(access, registry, backends, telemetry))
     app.include_router(admin_router(access, registry, backends, config.adapters.dir,

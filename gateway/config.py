@@ -19,9 +19,10 @@ from typing import TypeVar
 import httpx
 
 from adapters import paths
-from adapters.errors import DoraGatewayError
+from adapters.errors import ProblemsError
+from gateway.names import NAME_PATTERN, valid_name
 from gateway.tenancy.keys import parse_key, parse_secret
-from gateway.tenancy.tenants import ALL_ADAPTERS, Tenant, valid_name
+from gateway.tenancy.tenants import ALL_ADAPTERS, Tenant
 
 SECTIONS = {"model", "server", "engine", "adapters", "admin", "metrics", "tenants"}
 METRICS_ACCESS = ("local", "key", "open")
@@ -33,12 +34,12 @@ DEFAULT_MAX_TOKENS = 1024
 T = TypeVar("T")
 
 
-class ConfigError(DoraGatewayError):
+class ConfigError(ProblemsError):
+    """A config file that cannot be used (`source`: the file)."""
+
     def __init__(self, source: Path, problems: list[str]) -> None:
         self.source = source
-        self.problems = list(problems)
-        lines = "\n".join(f"  - {problem}" for problem in self.problems)
-        super().__init__(f"config {source} is not usable:\n{lines}")
+        super().__init__(f"config {source}", problems)
 
 
 @dataclass(frozen=True)
@@ -201,14 +202,14 @@ class _Reader:
         for name in tables:
             where = f"tenants.{name}"
             if not valid_name(name):
-                self.problems.append(f"{where}: the name must match {_NAME_RULE}")
+                self.problems.append(f"{where}: the name must match {NAME_PATTERN}")
             table = self.table(tables, name, {"api_keys", "adapters", "max_concurrency",
                                               "max_tokens"}, where=where)
             adapters = self.strings(table, where, "adapters")
             for adapter in adapters:
                 if adapter != ALL_ADAPTERS and not valid_name(adapter):
                     self.problems.append(f"{where}.adapters: {adapter!r} must be \"*\" or "
-                                         f"match {_NAME_RULE}")
+                                         f"match {NAME_PATTERN}")
             tenants.append(Tenant(
                 name=name,
                 key_digests=self.keys(table, where, f"tenant {name!r}", required=True),
@@ -297,6 +298,5 @@ def is_http_url(url: str) -> bool:
     return parsed.scheme in ("http", "https") and bool(parsed.host)
 
 
-_NAME_RULE = "[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 _KIND_NAMES = {str: "a string", int: "an integer", bool: "a boolean", list: "a list",
                float: "a float", dict: "a table"}

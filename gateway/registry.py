@@ -36,11 +36,9 @@ from gateway.errors import (
     ModelNotFound,
     NotFound,
 )
-from gateway.tenancy.tenants import valid_name
+from gateway.names import BASE_MODEL, NAME_RULE, valid_name
 from gateway.upstream.lora_loader import LoraLoader, Refusal
 from gateway.upstream.pool import Backend, BackendPool
-
-BASE_MODEL = "base"
 
 
 @dataclass(frozen=True)
@@ -212,6 +210,5 @@ class AdapterRegistry:
 
 def check_name(name: str) -> None:
     if not valid_name(name) or name == BASE_MODEL:
-        raise InvalidRequest(f"Invalid adapter name '{name}': use 1-64 letters, digits, '.', "
-                             f"'_' or '-', starting with a letter or digit, and not "
+        raise InvalidRequest(f"Invalid adapter name '{name}': use {NAME_RULE}, and not "
                              f"'{BASE_MODEL}'", param="name", code="invalid_adapter_name")

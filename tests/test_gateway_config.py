@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 
-import gateway.tenancy.tenants
+import gateway.tenancy.keys
 from adapters import paths
 from gateway.cli import main
 from gateway.config import ConfigError, load_config
 from gateway.errors import RateLimited
-from gateway.tenancy.tenants import ConcurrencyLimiter, KeyRing, bearer_key, key_digest
+from gateway.tenancy.keys import KeyRing, bearer_key, key_digest
+from gateway.tenancy.limits import ConcurrencyLimiter
 
 KEY = "sk-acme-0123456789abcdef"
 
@@ -167,13 +168,13 @@ def test_all_problems_come_in_one_error(tmp_path):
 def test_key_ring_compares_every_digest_without_early_exit(monkeypatch):
     ring = KeyRing([(key_digest(f"key-{index}"), index) for index in range(5)])
     calls = []
-    real = gateway.tenancy.tenants.hmac.compare_digest
+    real = gateway.tenancy.keys.hmac.compare_digest
 
     def counting(a, b):
         calls.append(1)
         return real(a, b)
 
-    monkeypatch.setattr(gateway.tenancy.tenants.hmac, "compare_digest", counting)
+    monkeypatch.setattr(gateway.tenancy.keys.hmac, "compare_digest", counting)
     assert ring.lookup("key-0") == 0
     assert ring.lookup("key-4") == 4
     assert ring.lookup("nope") is None

@@ -13,7 +13,8 @@ import json
 from dataclasses import dataclass
 
 from gateway.errors import InvalidRequest, ModelNotFound
-from gateway.registry import BASE_MODEL, AdapterEntry, AdapterRegistry
+from gateway.names import BASE_MODEL
+from gateway.registry import AdapterEntry, AdapterRegistry
 from gateway.tenancy.tenants import Tenant
 
 MAX_N = 8

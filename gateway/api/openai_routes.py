@@ -23,7 +23,8 @@ from gateway.api.openai_request import (
     upstream_body,
 )
 from gateway.errors import ModelNotFound
-from gateway.registry import BASE_MODEL, AdapterRegistry
+from gateway.names import BASE_MODEL
+from gateway.registry import AdapterRegistry
 from gateway.telemetry.hub import Telemetry
 from gateway.tenancy.access import Access
 from gateway.tenancy.tenants import Tenant
@@ -45,11 +46,11 @@ def openai_router(access: Access, registry: AdapterRegistry, pool: BackendPool,
         meter = telemetry.meter(tenant.name, entry)
         with meter.failures():
             check_limits(body, tenant, route)
-            lease = access.limiters[tenant.name].acquire()
+            lease = access.admit(tenant)
         request_id = uuid.uuid4().hex
         forwarded = upstream_body(body, route, tenant,
                                   model=entry.internal_name if entry else BASE_MODEL,
-                                  cache_salt=access.cache_salts[tenant.name],
+                                  cache_salt=access.cache_salt(tenant),
                                   request_id=request_id)
         target = Target(path=route.path, body=forwarded, entry=entry, client_model=body["model"],
                         request_id=request_id, meter=meter,

@@ -7,16 +7,16 @@ adapter compiles and loads, and counts the loads a backend refused.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from prometheus_client.core import Metric
 
-from gateway.registry import BASE_MODEL, AdapterEntry, AdapterRegistry
+from gateway.names import BASE_MODEL
+from gateway.registry import AdapterEntry, AdapterRegistry
 from gateway.telemetry.meter import RequestMeter
 from gateway.telemetry.prometheus import GatewayMetrics, gauge
 from gateway.telemetry.records import BASE, DORA, LORA, RequestRecord
 from gateway.telemetry.window import LatencyWindow
-from gateway.tenancy.tenants import ConcurrencyLimiter
 from gateway.upstream.lora_loader import Refusal
 from gateway.upstream.pool import BackendPool
 
@@ -49,14 +49,13 @@ class Telemetry:
     def adapter_refused(self, entry: AdapterEntry, refusal: Refusal) -> None:
         self.metrics.adapter_refusals.labels(entry.name, adapter_type(entry)).inc()
 
-    def watch(self, limiters: dict[str, ConcurrencyLimiter], pool: BackendPool,
+    def watch(self, in_flight: Callable[[], dict[str, int]], pool: BackendPool,
               registry: AdapterRegistry) -> None:
         """Expose in-flight requests, backend health and adapter counts as gauges."""
 
         def read() -> Iterable[Metric]:
             yield gauge("requests_in_flight", "Completion requests being answered",
-                        ("tenant",), (((name,), limiter.in_flight)
-                                      for name, limiter in sorted(limiters.items())))
+                        ("tenant",), (((name,), count) for name, count in in_flight().items()))
             yield gauge("backend_up", "1 while the vLLM backend passes health checks",
                         ("backend",), (((backend.url,), float(backend.healthy))
                                        for backend in pool.backends))

@@ -1,24 +1,21 @@
 """Who is calling: a tenant (for `/v1`), an admin (for `/admin`) or a metrics reader (for
-`/metrics` and `/dashboard`), from the bearer key.
+`/metrics` and `/dashboard`), from the bearer key; and what a tenant's request may take.
 
 The key rings are separate, so a tenant key never opens the admin API or the metrics, and an
 admin key is not a tenant (it does open the metrics). Each tenant has its concurrency limiter
-and its prefix-cache salt.
+and its prefix-cache salt, reached through `admit` and `cache_salt`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from starlette.requests import Request
 
-from gateway.config import GatewayConfig, MetricsConfig
 from gateway.errors import AuthenticationFailed
-from gateway.tenancy.tenants import (
-    ConcurrencyLimiter,
-    KeyRing,
-    Tenant,
-    bearer_key,
-    tenant_cache_salt,
-)
+from gateway.tenancy.keys import KeyRing, bearer_key
+from gateway.tenancy.limits import ConcurrencyLimiter, Lease
+from gateway.tenancy.tenants import Tenant, tenant_cache_salt
 
 MISSING_KEY = ("You didn't provide an API key. You need to provide your API key in an "
                "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)")
@@ -27,18 +24,21 @@ LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1"})
 
 
 class Access:
-    def __init__(self, config: GatewayConfig) -> None:
-        self._tenants = KeyRing((digest, tenant) for tenant in config.tenants
+    """`metrics_access` is `[metrics] access`; admin keys also read the metrics."""
+
+    def __init__(self, tenants: Sequence[Tenant], *, admin_keys: Sequence[bytes],
+                 metrics_keys: Sequence[bytes], metrics_access: str,
+                 cache_salt_secret: bytes) -> None:
+        self._tenants = KeyRing((digest, tenant) for tenant in tenants
                                 for digest in tenant.key_digests)
-        self._admins = KeyRing((digest, True) for digest in config.admin_key_digests)
-        self._metrics_readers = KeyRing((digest, True) for digest in (
-            *config.admin_key_digests, *config.metrics.key_digests))
-        self._metrics_config = config.metrics
-        self.limiters = {tenant.name: ConcurrencyLimiter(tenant.name, tenant.max_concurrency)
-                         for tenant in config.tenants}
-        self.cache_salts = {tenant.name: tenant_cache_salt(config.server.cache_salt_secret,
-                                                           tenant.name)
-                            for tenant in config.tenants}
+        self._admins = KeyRing((digest, True) for digest in admin_keys)
+        self._metrics_readers = KeyRing((digest, True) for digest in (*admin_keys,
+                                                                        *metrics_keys))
+        self._metrics_access = metrics_access
+        self._limiters = {tenant.name: ConcurrencyLimiter(tenant.name, tenant.max_concurrency)
+                          for tenant in tenants}
+        self._cache_salts = {tenant.name: tenant_cache_salt(cache_salt_secret, tenant.name)
+                             for tenant in tenants}
 
     def tenant(self, request: Request) -> Tenant:
         tenant = self._tenants.lookup(_key(request))
@@ -51,19 +51,30 @@ class Access:
             raise AuthenticationFailed(WRONG_KEY)
 
     def metrics_reader(self, request: Request) -> None:
-        if not needs_metrics_key(self._metrics_config, request):
+        if not needs_metrics_key(self._metrics_access, request):
             return
         if self._metrics_readers.lookup(_key(request)) is None:
             raise AuthenticationFailed(WRONG_KEY)
 
+    def admit(self, tenant: Tenant) -> Lease:
+        """A slot of the tenant's concurrency limit (429 when none is free)."""
+        return self._limiters[tenant.name].acquire()
 
-def needs_metrics_key(config: MetricsConfig, request: Request) -> bool:
+    def cache_salt(self, tenant: Tenant) -> str:
+        return self._cache_salts[tenant.name]
+
+    def in_flight(self) -> dict[str, int]:
+        """Requests being answered, per tenant name."""
+        return {name: limiter.in_flight for name, limiter in sorted(self._limiters.items())}
+
+
+def needs_metrics_key(metrics_access: str, request: Request) -> bool:
     """"local" trusts the loopback interface: put a reverse proxy on the same host in front of
     the gateway only with access = "key"."""
-    if config.access == "open":
+    if metrics_access == "open":
         return False
     client = request.client.host if request.client else None
-    return config.access == "key" or client not in LOOPBACK_HOSTS
+    return metrics_access == "key" or client not in LOOPBACK_HOSTS
 
 
 def _key(request: Request) -> str:

@@ -25,9 +25,10 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from gateway.errors import BackendError, BackendUnavailable, BackendUnreachable, error_body
-from gateway.registry import BASE_MODEL, AdapterEntry, AdapterRegistry
+from gateway.names import BASE_MODEL
+from gateway.registry import AdapterEntry, AdapterRegistry
 from gateway.telemetry.meter import RequestMeter
-from gateway.tenancy.tenants import Lease
+from gateway.tenancy.limits import Lease
 from gateway.upstream.pool import Backend, BackendPool
 
 CLIENT_CLOSED_REQUEST = 499
