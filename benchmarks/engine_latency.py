@@ -37,7 +37,7 @@ from transformers import AutoTokenizer
 from adapters import paths
 from benchmarks.paired_stats import median_with_interval
 from benchmarks.pinning import pin_worker_apart
-from gateway.engine.process import EngineSettings, VllmServer
+from gateway.engine.process import EngineProcess, EngineSettings
 from tests.factories import LLAMA_TARGETS, load_base, load_peft, random_adapter
 from tests.test_engine_dora import without_magnitude
 
@@ -108,7 +108,7 @@ def engine_settings(adapters: dict[str, Path], extra_env: dict[str, str]) -> Eng
 
 
 def bench_engine(settings: EngineSettings, rounds: int, tokens: int, log: Path) -> None:
-    with VllmServer(settings, log_path=log) as server:
+    with EngineProcess(settings, log_path=log) as server:
         run_scenario(server.base_url, ["base", "lora", "dora"], 8)  # warm-up
         samples: dict[tuple[str, str], list[tuple[float, float]]] = {}
         for round_index in range(rounds):
@@ -142,7 +142,7 @@ def bench_paired(settings: EngineSettings, pairs: int, tokens: int, streams: lis
                  log: Path) -> None:
     ratios: dict[int, list[float]] = {count: [] for count in streams}
     steps: dict[tuple[int, str], list[float]] = {}
-    with VllmServer(settings, log_path=log) as server:
+    with EngineProcess(settings, log_path=log) as server:
         run_scenario(server.base_url, ["lora", "dora"], 8)  # warm-up
         for pair in range(pairs):
             order = ("lora", "dora") if pair % 2 == 0 else ("dora", "lora")

@@ -29,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from adapters import paths
 from benchmarks.pinning import pin_worker_apart
 from gateway.bench.load import BenchSettings, Measurement, make_client, run_bench
-from gateway.engine.process import EngineSettings, VllmServer
+from gateway.engine.process import EngineProcess, EngineSettings
 from gateway.telemetry.latency import percentile
 from tests.gateway_process import GLOBEX_KEY, GatewayProcess, write_config
 
@@ -122,7 +122,7 @@ def main() -> None:
         work_dir = Path(work)
         settings = EngineSettings(model=paths.default_model_dir(), max_loras=4,
                                   lora_modules={"pirate": demo / "pirate"}, extra_env=extra_env)
-        with VllmServer(settings, log_path=work_dir / "vllm.log") as engine:
+        with EngineProcess(settings, log_path=work_dir / "vllm.log") as engine:
             config = write_config(work_dir / "gateway.toml", model=paths.default_model_dir(),
                                   adapters_dir=demo, roots=[], backends=[engine.base_url])
             gateway = GatewayProcess.start(config, work_dir / "gateway.log")

@@ -16,13 +16,14 @@ from fastapi import FastAPI
 from gateway.api.admin_routes import admin_router, is_upload_path
 from gateway.api.body_limit import BodyLimitMiddleware
 from gateway.api.error_handlers import install_error_handlers
+from gateway.api.health_route import health_router
 from gateway.api.observability_routes import observability_router
 from gateway.api.openai_routes import openai_router
 from gateway.config import GatewayConfig
 from gateway.registry import AdapterRegistry
 from gateway.telemetry.hub import Telemetry
 from gateway.tenancy.access import Access
-from gateway.upstream.health_checks import health_router, load_eagerly, watch
+from gateway.upstream.health_checks import load_eagerly, watch
 from gateway.upstream.pool import BackendPool
 
 

@@ -52,6 +52,10 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class EngineConfig:
+    """`[engine]`: the vLLM engines behind the gateway. Without `backends`, the flags of the
+    local engine the gateway starts; with them, the URLs of external vLLM servers that replace
+    it, and `max_lora_rank` is taken to be their `--max-lora-rank`."""
+
     dtype: str = "float32"
     max_loras: int = 4
     max_lora_rank: int = 16

@@ -22,7 +22,7 @@ from adapters.store import CompiledStore
 from gateway.app import create_app
 from gateway.config import GatewayConfig
 from gateway.engine.limits import EngineLimits
-from gateway.engine.process import EngineSettings, VllmServer
+from gateway.engine.process import EngineProcess, EngineSettings
 from gateway.engine.supervisor import EngineSupervisor
 from gateway.registry import AdapterRegistry
 from gateway.startup_checks import check_port_free, checked_base_model
@@ -37,22 +37,23 @@ def serve(config: GatewayConfig) -> None:
     if config.engine.backends:
         asyncio.run(_serve(config, base, config.engine.backends))
         return
-    with local_engine(config) as server:
-        log.info("started vLLM at %s (log: %s)", server.base_url, server.log_path)
-        asyncio.run(_serve(config, base, [server.base_url], local=server))
+    with local_engine(config) as engine:
+        log.info("started vLLM at %s (log: %s)", engine.base_url, engine.log_path)
+        asyncio.run(_serve(config, base, [engine.base_url], local=engine))
 
 
-def local_engine(config: GatewayConfig) -> VllmServer:
+def local_engine(config: GatewayConfig) -> EngineProcess:
+    """The vLLM process `[engine]` describes, on a free loopback port."""
     engine = config.engine
     settings = EngineSettings(model=config.model_path, dtype=engine.dtype,
                               max_loras=engine.max_loras, max_lora_rank=engine.max_lora_rank,
                               extra_args=list(engine.extra_args))
-    return VllmServer(settings, log_path=paths.home() / "logs" / "vllm-gateway.log")
+    return EngineProcess(settings, log_path=paths.home() / "logs" / "vllm-gateway.log")
 
 
 async def _serve(config: GatewayConfig, base: BaseCheckpoint, backend_urls: Sequence[str],
-                 local: VllmServer | None = None) -> None:
-    """Run until uvicorn stops; `local` is the vLLM server this gateway started and keeps
+                 local: EngineProcess | None = None) -> None:
+    """Run until uvicorn stops; `local` is the local engine, which this gateway keeps
     running."""
     pool = BackendPool(backend_urls)
     supervising: asyncio.Task | None = None

@@ -11,7 +11,7 @@ import torch
 
 from adapters import paths
 from adapters.default_model import prepare_default_model
-from gateway.engine.process import EngineSettings, VllmServer
+from gateway.engine.process import EngineProcess, EngineSettings
 from tests.factories import LLAMA_TARGETS, random_adapter, tiny_gpt2, tiny_llama
 from tests.gateway_process import GatewayProcess, write_config
 from tests.vllm_layers import single_process_vllm
@@ -70,13 +70,13 @@ def random_dora_adapters(default_model: Path, tmp_path_factory) -> list[Path]:
 
 
 @pytest.fixture(scope="session")
-def engine(default_model: Path, demo_adapters: Path, tmp_path_factory) -> Iterator[VllmServer]:
+def engine(default_model: Path, demo_adapters: Path, tmp_path_factory) -> Iterator[EngineProcess]:
     """One real vLLM server (with our plugin) for the whole session: two LoRA slots, so
     more adapters than slots are in use and vLLM swaps them."""
     settings = EngineSettings(
         model=default_model, max_loras=2, max_cpu_loras=3, max_lora_rank=16,
         lora_modules={name: demo_adapters / name for name in DEMO_ADAPTERS})
-    server = VllmServer(settings, log_path=TEST_OUTPUT / "vllm-engine.log")
+    server = EngineProcess(settings, log_path=TEST_OUTPUT / "vllm-engine.log")
     with server:
         yield server
 
@@ -88,7 +88,7 @@ def gateway_root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def real_gateway(engine: VllmServer, default_model: Path, demo_adapters: Path,
+def real_gateway(engine: EngineProcess, default_model: Path, demo_adapters: Path,
                  gateway_root: Path, tmp_path_factory) -> Iterator[GatewayProcess]:
     """`dora-gateway serve` in front of the session's vLLM. vLLM already serves the demo
     adapters under their own names; the gateway loads them again under its internal names,

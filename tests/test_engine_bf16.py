@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gateway.engine.process import EngineSettings, VllmServer
+from gateway.engine.process import EngineProcess, EngineSettings
 from tests.conftest import TEST_OUTPUT
 from tests.engine import Completion, complete, reference
 from tests.test_engine_dora import without_magnitude
@@ -27,12 +27,12 @@ ROUNDING_FACTOR = 1.5  # DoRA adds two rounded ops a layer over the base model
 
 
 @pytest.fixture(scope="module")
-def bf16_engine(default_model: Path, demo_adapters: Path) -> Iterator[VllmServer]:
+def bf16_engine(default_model: Path, demo_adapters: Path) -> Iterator[EngineProcess]:
     settings = EngineSettings(model=default_model, dtype="bfloat16", max_loras=2,
                               max_lora_rank=16,
                               lora_modules={"caps": demo_adapters / "caps",
                                             "caps-lora": demo_adapters / "caps-lora"})
-    with VllmServer(settings, log_path=TEST_OUTPUT / "vllm-bf16.log") as server:
+    with EngineProcess(settings, log_path=TEST_OUTPUT / "vllm-bf16.log") as server:
         yield server
 
 

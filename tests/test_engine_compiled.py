@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from adapters.vllm_plugin.compile_mode import COMPILE_ENV
-from gateway.engine.process import EngineSettings, VllmServer
+from gateway.engine.process import EngineProcess, EngineSettings
 from tests.conftest import TEST_OUTPUT
 from tests.engine import LOGPROB_TOLERANCE, complete, max_logprob_gap
 
@@ -26,13 +26,13 @@ PROMPTS = ["The ocean is", "Tell me about the moon.", "Once upon a time"]
 
 
 @pytest.fixture(scope="module")
-def compiled_engine(default_model: Path, demo_adapters: Path) -> Iterator[VllmServer]:
+def compiled_engine(default_model: Path, demo_adapters: Path) -> Iterator[EngineProcess]:
     """Two LoRA slots for three adapters, so slots are swapped under the traced graph."""
     settings = EngineSettings(
         model=default_model, max_loras=2, max_cpu_loras=3, max_lora_rank=16,
         lora_modules={name: demo_adapters / name for name in MODELS if name != "base"},
         extra_env={COMPILE_ENV: "1"})
-    with VllmServer(settings, log_path=TEST_OUTPUT / "vllm-compiled.log") as server:
+    with EngineProcess(settings, log_path=TEST_OUTPUT / "vllm-compiled.log") as server:
         yield server
 
 

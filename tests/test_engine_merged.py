@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from adapters.merge import merge_adapter
-from gateway.engine.process import EngineSettings, VllmServer
+from gateway.engine.process import EngineProcess, EngineSettings
 from tests.conftest import TEST_OUTPUT
 from tests.engine import LOGPROB_TOLERANCE, complete, max_logprob_gap
 
@@ -22,9 +22,9 @@ def merged_caps(default_model: Path, demo_adapters: Path, tmp_path_factory) -> P
 
 
 @pytest.fixture(scope="module")
-def merged_engine(merged_caps: Path) -> Iterator[VllmServer]:
+def merged_engine(merged_caps: Path) -> Iterator[EngineProcess]:
     settings = EngineSettings(model=merged_caps, served_model_name="merged", max_model_len=512)
-    with VllmServer(settings, log_path=TEST_OUTPUT / "vllm-merged.log") as server:
+    with EngineProcess(settings, log_path=TEST_OUTPUT / "vllm-merged.log") as server:
         yield server
 
 

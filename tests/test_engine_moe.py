@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gateway.engine.process import EngineSettings, VllmServer
+from gateway.engine.process import EngineProcess, EngineSettings
 from tests.conftest import TEST_OUTPUT
 from tests.engine import load_adapter
 from tests.factories import expert_dora_adapter, tiny_mixtral_for_vllm
@@ -21,10 +21,10 @@ pytestmark = pytest.mark.vllm
 
 
 @pytest.fixture(scope="module")
-def moe_engine(default_model: Path, tmp_path_factory) -> Iterator[VllmServer]:
+def moe_engine(default_model: Path, tmp_path_factory) -> Iterator[EngineProcess]:
     base = tiny_mixtral_for_vllm(tmp_path_factory.mktemp("tiny-moe"), default_model)
     settings = EngineSettings(model=base, max_model_len=512, max_loras=2, max_lora_rank=8)
-    with VllmServer(settings, log_path=TEST_OUTPUT / "vllm-moe.log") as server:
+    with EngineProcess(settings, log_path=TEST_OUTPUT / "vllm-moe.log") as server:
         yield server
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.engine.process import EngineSettings, VllmServer
+from gateway.engine.process import EngineProcess, EngineSettings
 from tests.conftest import TEST_OUTPUT
 from tests.engine import LOGPROB_TOLERANCE, complete, max_logprob_gap, reference
 from tests.factories import LLAMA_TARGETS, random_adapter, tiny_llama_for_vllm
@@ -33,12 +33,12 @@ def tiny_dora(tiny_base: Path, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tp2_engine(tiny_base: Path, tiny_dora: Path) -> Iterator[VllmServer]:
+def tp2_engine(tiny_base: Path, tiny_dora: Path) -> Iterator[EngineProcess]:
     settings = EngineSettings(model=tiny_base, max_model_len=512, max_loras=2, max_lora_rank=8,
                               served_model_name=str(tiny_base), lora_modules={"dora": tiny_dora},
                               extra_args=["--tensor-parallel-size", "2"],
                               extra_env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"})
-    with VllmServer(settings, log_path=TEST_OUTPUT / "vllm-tp2.log") as server:
+    with EngineProcess(settings, log_path=TEST_OUTPUT / "vllm-tp2.log") as server:
         yield server
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import psutil
 import pytest
 
-from gateway.engine.process import EngineSettings, VllmServer
+from gateway.engine.process import EngineProcess, EngineSettings
 from gateway.engine.supervisor import EngineSupervisor
 from tests.gateway_fakes import (
     GLOBEX_KEY,
@@ -111,7 +111,7 @@ async def test_eager_adapters_are_loaded_again_after_a_restart(tmp_path, llama_b
 
 def test_stop_kills_what_a_dead_server_left(tmp_path):
     """vLLM's engine core is a child of the server; killing the server alone leaves it."""
-    server = VllmServer(EngineSettings(model=tmp_path), log_path=tmp_path / "log")
+    server = EngineProcess(EngineSettings(model=tmp_path), log_path=tmp_path / "log")
     server.command = lambda: ["bash", "-c", "sleep 600 & exec sleep 600"]
     server.start()
     leader = psutil.Process(server.process.pid)

@@ -31,7 +31,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
-from gateway.engine.process import EngineSettings, VllmServer
+from gateway.engine.process import EngineProcess, EngineSettings
 from tests.engine import LOGPROB_TOLERANCE, complete, max_logprob_gap
 
 REPO = Path(__file__).resolve().parent.parent
@@ -219,7 +219,7 @@ def test_prepare_model_verifies_the_prepared_model(installed, default_model):
     assert result.stdout.strip().splitlines()[-1] == str(default_model)
 
 
-class InstalledVllmServer(VllmServer):
+class InstalledVllmServer(EngineProcess):
     """vLLM's stock server run by the fresh venv's Python instead of this one."""
 
     def __init__(self, python: Path, settings: EngineSettings, log_path: Path) -> None:

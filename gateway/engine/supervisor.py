@@ -1,11 +1,12 @@
-"""Keeping the locally started vLLM server running.
+"""Keeping the local engine (the vLLM server this gateway started) running.
 
 vLLM can die under the gateway (the OOM killer, a crash in a kernel). When its process exits,
-the backend leaves the rotation at once (new requests get 503; streams on it have already
-ended with an error event), the registry forgets what was loaded there (a new server has none
-of it), and a new server is started on the same port. It rejoins the rotation once healthy,
-with every adapter loaded again if loading is eager (else on first use). A server that fails
-to start is retried with a growing delay, so a persistent fault does not spin the CPU.
+the backend leaves the rotation at once: new requests get 503, streams on it have already
+ended with an error event, and marking it down makes the adapter loader forget what was loaded
+there, as a new server has none of it. A new server is started on the same port; it rejoins
+the rotation once healthy, with every adapter loaded again if loading is eager (else on first
+use). A server that fails to start is retried with a growing delay, so a persistent fault does
+not spin the CPU.
 """
 
 from __future__ import annotations
@@ -14,8 +15,7 @@ import asyncio
 import logging
 from typing import Protocol
 
-from gateway.registry import AdapterRegistry
-from gateway.upstream.health_checks import load_eagerly
+from gateway.upstream.health_checks import AdapterSet, load_eagerly
 from gateway.upstream.pool import BackendPool
 
 POLL_INTERVAL_S = 1.0
@@ -25,8 +25,8 @@ MAX_RETRY_DELAY_S = 60.0
 log = logging.getLogger(__name__)
 
 
-class Engine(Protocol):
-    """A restartable server process, as `VllmServer` is (tests inject fakes)."""
+class SupervisedEngine(Protocol):
+    """A restartable server process, as `EngineProcess` is (tests inject fakes)."""
 
     @property
     def base_url(self) -> str: ...
@@ -41,13 +41,13 @@ class Engine(Protocol):
 class EngineSupervisor:
     """Restarts `engine` whenever it exits; it is the backend at `engine.base_url` in `pool`."""
 
-    def __init__(self, engine: Engine, pool: BackendPool, registry: AdapterRegistry, *,
+    def __init__(self, engine: SupervisedEngine, pool: BackendPool, adapters: AdapterSet, *,
                  eager: bool, poll_interval_s: float = POLL_INTERVAL_S,
                  ready_timeout_s: float = READY_TIMEOUT_S) -> None:
         self._engine = engine
         self._pool = pool
         self._backend = pool.by_url(engine.base_url)
-        self._registry = registry
+        self._adapters = adapters
         self._eager = eager
         self._poll_interval_s = poll_interval_s
         self._ready_timeout_s = ready_timeout_s
@@ -70,7 +70,6 @@ class EngineSupervisor:
         url = self._backend.url
         log.error("the vLLM server at %s exited; restarting it", url)
         self._pool.mark_down(self._backend)
-        self._registry.forget_backend(url)
         delay = self._poll_interval_s
         while True:
             # Whatever the old server left running (its engine core) must go first.
@@ -83,7 +82,7 @@ class EngineSupervisor:
             delay = min(2 * delay, MAX_RETRY_DELAY_S)
         self.restarts += 1
         if self._eager:
-            await load_eagerly(self._registry, [self._backend])
+            await load_eagerly(self._adapters, [self._backend])
         log.info("the vLLM server at %s is back", url)
 
     async def _became_healthy(self) -> bool:

@@ -23,9 +23,7 @@ import httpx
 
 from gateway.errors import AdapterUnavailable, BackendUnreachable, GatewayError
 from gateway.upstream.pool import Backend, BackendPool
-
-LOAD_PATH = "/v1/load_lora_adapter"
-UNLOAD_PATH = "/v1/unload_lora_adapter"
+from gateway.upstream.vllm_api import LOAD_ADAPTER_PATH, UNLOAD_ADAPTER_PATH
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +86,8 @@ class LoraLoader:
             if not still_wanted():
                 return False
             started = time.perf_counter()
-            response = await self._pool.post(
-                backend, LOAD_PATH, {"lora_name": internal_name, "lora_path": str(compiled_path)})
+            response = await self._pool.post(backend, LOAD_ADAPTER_PATH, {
+                "lora_name": internal_name, "lora_path": str(compiled_path)})
             if response.status_code != 200 and not _already_loaded(response):
                 raise await self._refused_by(backend, internal_name, _message(response))
             self._on_loaded(internal_name, time.perf_counter() - started)
@@ -122,7 +120,8 @@ class LoraLoader:
     async def _unload(self, internal_name: str, backend: Backend) -> None:
         """Best effort: a backend that is down has lost its adapters anyway."""
         try:
-            response = await self._pool.post(backend, UNLOAD_PATH, {"lora_name": internal_name})
+            response = await self._pool.post(backend, UNLOAD_ADAPTER_PATH,
+                                             {"lora_name": internal_name})
         except GatewayError as exc:
             log.warning("unloading %s from %s failed: %s", internal_name, backend.url, exc)
             return

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import httpx
 
 from gateway.errors import BackendTimeout, BackendUnavailable, BackendUnreachable
+from gateway.upstream.vllm_api import HEALTH_PATH
 
-HEALTH_PATH = "/health"
 HEALTH_TIMEOUT_S = 5.0
 # Non-streaming generations on CPU can take minutes; a stream's read timeout is per chunk.
 CLIENT_TIMEOUT = httpx.Timeout(connect=5.0, read=600.0, write=60.0, pool=60.0)

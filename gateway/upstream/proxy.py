@@ -25,8 +25,6 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from gateway.errors import BackendError, BackendUnavailable, BackendUnreachable, error_body
-from gateway.names import BASE_MODEL
-from gateway.registry import AdapterEntry, AdapterRegistry
 from gateway.telemetry.meter import RequestMeter
 from gateway.tenancy.limits import Lease
 from gateway.upstream.pool import Backend, BackendPool
@@ -40,30 +38,33 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Target:
+    """Where a completion goes and how its answer comes back.
+
+    `upstream_model` is the name the backend knows the model by (an adapter's internal name,
+    or the served base model), `client_model` the one the client sent; `prepare` runs on the
+    chosen backend before the request is sent (loading the adapter there)."""
+
     path: str
     body: dict
-    entry: AdapterEntry | None
     client_model: str
+    upstream_model: str
     request_id: str
     meter: RequestMeter
+    prepare: Callable[[Backend], Awaitable[None]] | None = None
     hide_usage: bool = False
 
-    @property
-    def internal_model(self) -> str:
-        return self.entry.internal_name if self.entry else BASE_MODEL
-
     def scrub(self, text: str) -> str:
-        return text.replace(self.internal_model, self.client_model)
+        return text.replace(self.upstream_model, self.client_model)
 
 
 async def forward(request: Request, target: Target, pool: BackendPool,
-                  registry: AdapterRegistry, lease: Lease) -> Response:
+                  lease: Lease) -> Response:
     """Relay `target` to a backend; `lease` is released when the answer is complete."""
     stream = target.body.get("stream") is True
     handed_off = False
     try:
         with target.meter.failures():
-            opened = await _unless_disconnected(request, _open(target, pool, registry, stream))
+            opened = await _unless_disconnected(request, _open(target, pool, stream))
         if opened is None:
             target.meter.finish(CLIENT_CLOSED_REQUEST)
             return Response(status_code=CLIENT_CLOSED_REQUEST)
@@ -90,13 +91,13 @@ async def _read_whole(upstream: httpx.Response) -> None:
         await upstream.aclose()
 
 
-async def _open(target: Target, pool: BackendPool, registry: AdapterRegistry,
+async def _open(target: Target, pool: BackendPool,
                 stream: bool) -> tuple[Backend, httpx.Response]:
     """Send to the next healthy backend, trying the others while one cannot be reached."""
     for backend in pool.candidates():
         try:
-            if target.entry is not None:
-                await registry.ensure_loaded(target.entry, backend)
+            if target.prepare is not None:
+                await target.prepare(backend)
             target.meter.upstream_started()
             response = await pool.send(backend, target.path, target.body,
                                        {"X-Request-Id": target.request_id}, stream=stream)
