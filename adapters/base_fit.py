@@ -11,10 +11,6 @@ def base_weight_name(module: str) -> str:
     return f"{module}.weight"
 
 
-def base_bias_name(module: str) -> str:
-    return f"{module}.bias"
-
-
 def linear_shape(adapter: PeftAdapter, base: BaseCheckpoint, module: str) -> tuple[int, int]:
     """(out, in) of the base layer, undoing the [in, out] storage of fan_in_fan_out layers."""
     rows, cols = base.shape(base_weight_name(module))

@@ -22,8 +22,12 @@ from adapters.peft_adapter import read_adapter
 
 @dataclass(frozen=True)
 class StoreEntry:
+    """A compiled artifact; `is_dora` comes from the adapter just read, so callers need not
+    open the artifact's metadata."""
+
     path: Path
     adapter_hash: str
+    is_dora: bool
     cache_hit: bool
 
 
@@ -41,7 +45,7 @@ class CompiledStore:
         base_fingerprint = base.fingerprint()
         path = self.entry_path(adapter_hash, base_fingerprint)
         if (path / METADATA_FILE).is_file():
-            return StoreEntry(path, adapter_hash, cache_hit=True)
+            return StoreEntry(path, adapter_hash, adapter.is_dora, cache_hit=True)
         compiled = compile_adapter(adapter, base, adapter_hash, base_fingerprint)
         self.root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=self.root))
@@ -50,7 +54,7 @@ class CompiledStore:
             _publish(staging, path)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        return StoreEntry(path, adapter_hash, cache_hit=False)
+        return StoreEntry(path, adapter_hash, adapter.is_dora, cache_hit=False)
 
 
 def _publish(staging: Path, path: Path) -> None:

@@ -4,7 +4,7 @@ An adapter is served under an internal name that carries its content hash, so a 
 adapter never reuses vLLM's prefix cache or a stale loaded copy. Adding is all-or-nothing:
 validation and compilation (cached in the content-addressed store) happen before the entry
 appears, and paths must lie under a configured root after resolving symlinks. Admission
-(`gateway.admission`) refuses, before compiling, what the configured engines cannot serve;
+(`gateway.engine.admission`) refuses, before compiling, what the configured engines cannot serve;
 an adapter that an engine still refuses at load time stays registered but unservable, with
 the engine's reason.
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import time
 from collections.abc import Sequence
@@ -22,7 +21,6 @@ from pathlib import Path
 from typing import Protocol
 
 from adapters.base_checkpoint import BaseCheckpoint
-from adapters.compiled import METADATA_FILE
 from adapters.errors import AdapterError
 from adapters.peft_adapter import CONFIG_FILE
 from adapters.store import CompiledStore
@@ -201,9 +199,8 @@ class AdapterRegistry:
             stored = self._store.compile(source, self._base)
         except AdapterError as exc:
             raise InvalidAdapter(str(exc), exc.problems) from exc
-        metadata = json.loads((stored.path / METADATA_FILE).read_text())
         return AdapterEntry(name=name, source=source, content_hash=stored.adapter_hash,
-                            compiled_path=stored.path, is_dora=bool(metadata["is_dora"]),
+                            compiled_path=stored.path, is_dora=stored.is_dora,
                             compile_seconds=time.perf_counter() - started,
                             created=int(time.time()))
 
