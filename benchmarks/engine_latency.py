@@ -38,6 +38,7 @@ from adapters import paths
 from benchmarks.paired_stats import median_with_interval
 from benchmarks.pinning import pin_worker_apart
 from gateway.engine.process import EngineProcess, EngineSettings
+from gateway.telemetry.latency import carries_generated_text, time_per_output_token
 from tests.factories import LLAMA_TARGETS, load_base, load_peft, random_adapter
 from tests.test_engine_dora import without_magnitude
 
@@ -62,9 +63,9 @@ class Stream:
         return self.stamps[0] - self.sent
 
     @property
-    def tpot(self) -> float:
+    def tpot(self) -> float | None:
         """Mean seconds per output token after the first."""
-        return (self.stamps[-1] - self.stamps[0]) / (len(self.stamps) - 1)
+        return time_per_output_token(self.stamps[0], self.stamps[-1], len(self.stamps))
 
     @property
     def intervals(self) -> list[float]:
@@ -79,7 +80,7 @@ def stream_once(base_url: str, model: str, tokens: int) -> Stream:
     stamps = []
     with httpx.stream("POST", f"{base_url}/v1/completions", json=body, timeout=600) as response:
         for line in response.iter_lines():
-            if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["text"]:
+            if line.startswith("data: {") and carries_generated_text(json.loads(line[6:])):
                 stamps.append(time.perf_counter())
     return Stream(model, started, tuple(stamps))
 

@@ -48,7 +48,7 @@ def create_app(config: GatewayConfig, registry: AdapterRegistry, backends: Backe
                     metrics_keys=config.metrics.key_digests, metrics_access=config.metrics.access,
                     cache_salt_secret=config.server.cache_salt_secret)
     telemetry = Telemetry(config.metrics.window_seconds)
-    telemetry.watch(access.in_flight, backends, registry)
+    telemetry.watch(access.in_flight, backends.health, registry.entries)
     registry.add_observer(telemetry)
     app.include_router(openai_router(access, registry, backends, telemetry))
     app.include_router(admin_router(access, registry, backends, config.adapters.dir,

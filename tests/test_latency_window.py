@@ -21,7 +21,8 @@ def record(adapter: str, ttft: float, tpot: float, *, tokens: int = 11, status: 
            adapter_type: str = "dora") -> RequestRecord:
     """A streamed request: first token after `ttft`, then `tokens - 1` more at `tpot` each."""
     return RequestRecord(tenant="t", adapter=adapter, adapter_type=adapter_type, started=0.0,
-                         first_token=ttft, finished=ttft + tpot * (tokens - 1),
+                         first_token=ttft, last_token=ttft + tpot * (tokens - 1),
+                         finished=ttft + tpot * (tokens - 1),
                          upstream_seconds=0.0, status=status, completion_tokens=tokens)
 
 

@@ -219,7 +219,7 @@ def test_prepare_model_verifies_the_prepared_model(installed, default_model):
     assert result.stdout.strip().splitlines()[-1] == str(default_model)
 
 
-class InstalledVllmServer(EngineProcess):
+class InstalledEngineProcess(EngineProcess):
     """vLLM's stock server run by the fresh venv's Python instead of this one."""
 
     def __init__(self, python: Path, settings: EngineSettings, log_path: Path) -> None:
@@ -241,7 +241,7 @@ def test_stock_vllm_server_serves_a_dora_demo_adapter_from_the_wheel(
     settings = EngineSettings(model=default_model, max_loras=1, max_lora_rank=8,
                               lora_modules={"caps": packaged_caps},
                               extra_env={"DORA_GATEWAY_HOME": str(home)})
-    server = InstalledVllmServer(installed.python, settings, tmp_path / "vllm.log")
+    server = InstalledEngineProcess(installed.python, settings, tmp_path / "vllm.log")
     with server:
         completion = complete(server.base_url, "caps", "The ocean is")
     assert "dora-gateway DoRA plugin active" in server.log_path.read_text()

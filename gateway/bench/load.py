@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from adapters.errors import DoraGatewayError
+from gateway.telemetry.latency import carries_generated_text, time_per_output_token
 
 Clock = Callable[[], float]
 PATHS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
@@ -172,7 +173,7 @@ async def measure(client: httpx.AsyncClient, settings: BenchSettings, job: Job, 
                   max_tokens: int | None = None) -> Measurement:
     """Send one streamed request and time it; a failure is recorded, never raised."""
     body = request_body(settings, job, max_tokens or settings.max_tokens)
-    stream = StreamTimes(chat=settings.endpoint == "chat")
+    stream = StreamTimes()
     start = clock()
     try:
         async with client.stream("POST", PATHS[settings.endpoint], json=body) as response:
@@ -207,7 +208,6 @@ def error_message(error: object) -> str:
 class StreamTimes:
     """What a stream has shown so far: when generated text arrived, usage, an error."""
 
-    chat: bool
     first_token: float | None = None
     last_token: float | None = None
     text_chunks: int = 0
@@ -235,24 +235,18 @@ class StreamTimes:
     def _event(self, event: dict, now: float) -> None:
         if isinstance(event.get("usage"), dict):
             self.usage = event["usage"]
-        if any(self._text(choice) for choice in event.get("choices") or ()):
+        if carries_generated_text(event):
             self.text_chunks += 1
             self.first_token = now if self.first_token is None else self.first_token
             self.last_token = now
 
-    def _text(self, choice: dict) -> str | None:
-        return (choice.get("delta") or {}).get("content") if self.chat else choice.get("text")
-
     def measurement(self, job: Job, start: float, end: float) -> Measurement:
-        """TPOT spans first to last generated text, over the tokens after the first; usage is
-        the token count (one text chunk may carry several tokens), text chunks the fallback."""
+        """TTFT and TPOT as `telemetry.latency` defines them; usage is the token count, text
+        chunks the fallback."""
         usage = self.usage or {}
         tokens = usage.get("completion_tokens") or self.text_chunks
-        ttft = tpot = None
-        if self.first_token is not None:
-            ttft = self.first_token - start
-            if tokens > 1:
-                tpot = (self.last_token - self.first_token) / (tokens - 1)
+        ttft = None if self.first_token is None else self.first_token - start
+        tpot = time_per_output_token(self.first_token, self.last_token, tokens)
         return Measurement(job.model, job.index, job.phase, job.round, start, end - start, ttft,
                            tpot, tokens, usage.get("prompt_tokens"), self.text_chunks,
                            self.error or self._incomplete())

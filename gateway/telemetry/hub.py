@@ -1,30 +1,43 @@
 """One place where finished requests go: Prometheus metrics and the dashboard's window.
 
 It also hooks the gateway's live state into Prometheus as gauges read at scrape time
-(requests in flight per tenant, backend health, registered adapters per type) and times
-adapter compiles and loads, and counts the loads a backend refused.
+(requests in flight per tenant, backend health, registered adapters per type), times adapter
+compiles and loads, and counts the loads a backend refused. It sees adapters only through
+the `Adapter` protocol and live state through callables, so telemetry/ imports neither the
+registry nor upstream/.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Protocol
 
 from prometheus_client.core import Metric
 
 from gateway.names import BASE_MODEL
-from gateway.registry import AdapterEntry, AdapterRegistry
 from gateway.telemetry.meter import RequestMeter
 from gateway.telemetry.prometheus import GatewayMetrics, gauge
-from gateway.telemetry.records import BASE, DORA, LORA, RequestRecord
+from gateway.telemetry.records import AdapterType, RequestRecord
 from gateway.telemetry.window import LatencyWindow
-from gateway.upstream.lora_loader import Refusal
-from gateway.upstream.pool import BackendPool
 
 
-def adapter_type(entry: AdapterEntry | None) -> str:
-    if entry is None:
-        return BASE
-    return DORA if entry.is_dora else LORA
+class Adapter(Protocol):
+    """A registered adapter as telemetry sees it (`registry.AdapterEntry`)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def is_dora(self) -> bool: ...
+
+    @property
+    def compile_seconds(self) -> float: ...
+
+
+def adapter_type(adapter: Adapter | None) -> AdapterType:
+    if adapter is None:
+        return AdapterType.BASE
+    return AdapterType.DORA if adapter.is_dora else AdapterType.LORA
 
 
 class Telemetry:
@@ -36,32 +49,35 @@ class Telemetry:
         self.metrics.observe(record)
         self.window.add(record)
 
-    def meter(self, tenant: str, entry: AdapterEntry | None) -> RequestMeter:
-        name = entry.name if entry else BASE_MODEL
-        return RequestMeter(tenant, name, adapter_type(entry), self.record)
+    def meter(self, tenant: str, adapter: Adapter | None) -> RequestMeter:
+        """A meter for one request of `tenant` for `adapter` (None: the base model)."""
+        name = adapter.name if adapter else BASE_MODEL
+        return RequestMeter(tenant, name, adapter_type(adapter), self.record)
 
-    def adapter_compiled(self, entry: AdapterEntry) -> None:
-        self.metrics.adapter_compile.labels(adapter_type(entry)).observe(entry.compile_seconds)
+    def adapter_compiled(self, adapter: Adapter) -> None:
+        self.metrics.adapter_compile.labels(adapter_type(adapter)).observe(
+            adapter.compile_seconds)
 
-    def adapter_loaded(self, entry: AdapterEntry, seconds: float) -> None:
-        self.metrics.adapter_load.labels(adapter_type(entry)).observe(seconds)
+    def adapter_loaded(self, adapter: Adapter, seconds: float) -> None:
+        self.metrics.adapter_load.labels(adapter_type(adapter)).observe(seconds)
 
-    def adapter_refused(self, entry: AdapterEntry, refusal: Refusal) -> None:
-        self.metrics.adapter_refusals.labels(entry.name, adapter_type(entry)).inc()
+    def adapter_refused(self, adapter: Adapter, refusal: object) -> None:
+        self.metrics.adapter_refusals.labels(adapter.name, adapter_type(adapter)).inc()
 
-    def watch(self, in_flight: Callable[[], dict[str, int]], pool: BackendPool,
-              registry: AdapterRegistry) -> None:
-        """Expose in-flight requests, backend health and adapter counts as gauges."""
+    def watch(self, in_flight: Callable[[], Mapping[str, int]],
+              backends_up: Callable[[], Mapping[str, bool]],
+              adapters: Callable[[], Iterable[Adapter]]) -> None:
+        """Expose requests in flight per tenant, health per backend URL and registered
+        adapters per type as gauges."""
 
         def read() -> Iterable[Metric]:
             yield gauge("requests_in_flight", "Completion requests being answered",
                         ("tenant",), (((name,), count) for name, count in in_flight().items()))
             yield gauge("backend_up", "1 while the vLLM backend passes health checks",
-                        ("backend",), (((backend.url,), float(backend.healthy))
-                                       for backend in pool.backends))
-            counts = dict.fromkeys((LORA, DORA), 0)
-            for entry in registry.entries():
-                counts[adapter_type(entry)] += 1
+                        ("backend",), (((url,), float(up)) for url, up in backends_up().items()))
+            counts = dict.fromkeys((AdapterType.LORA, AdapterType.DORA), 0)
+            for adapter in adapters():
+                counts[adapter_type(adapter)] += 1
             yield gauge("adapters", "Adapters registered, by type", ("adapter_type",),
                         (((kind,), count) for kind, count in counts.items()))
 

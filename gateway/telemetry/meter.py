@@ -12,13 +12,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from gateway.errors import GatewayError
-from gateway.telemetry.records import RequestRecord
+from gateway.telemetry.records import AdapterType, RequestRecord
 
 Clock = Callable[[], float]
 
 
 class RequestMeter:
-    def __init__(self, tenant: str, adapter: str, adapter_type: str,
+    def __init__(self, tenant: str, adapter: str, adapter_type: AdapterType,
                  sink: Callable[[RequestRecord], None], clock: Clock = time.perf_counter) -> None:
         self._labels = (tenant, adapter, adapter_type)
         self._sink = sink
@@ -27,6 +27,7 @@ class RequestMeter:
         self._upstream_started: float | None = None
         self._upstream_finished: float | None = None
         self._first_token: float | None = None
+        self._last_token: float | None = None
         self._usage: dict = {}
         self._finished = False
 
@@ -37,9 +38,12 @@ class RequestMeter:
         if self._upstream_finished is None:
             self._upstream_finished = self._clock()
 
-    def token_relayed(self) -> None:
+    def text_relayed(self) -> None:
+        """A generated-text chunk went to the client (`telemetry.latency`'s definition)."""
+        now = self._clock()
         if self._first_token is None:
-            self._first_token = self._clock()
+            self._first_token = now
+        self._last_token = now
 
     def usage(self, usage: object) -> None:
         """vLLM's `usage` object (prompt_tokens, completion_tokens); anything else is ignored."""
@@ -57,7 +61,7 @@ class RequestMeter:
             tenant=tenant, adapter=adapter, adapter_type=adapter_type,
             started=self._started, finished=finished,
             upstream_seconds=self._upstream_seconds(), status=status,
-            first_token=self._first_token,
+            first_token=self._first_token, last_token=self._last_token,
             prompt_tokens=_count(self._usage.get("prompt_tokens")),
             completion_tokens=_count(self._usage.get("completion_tokens"))))
 

@@ -1,30 +1,37 @@
 """What the gateway saw of one finished completion request, for metrics and the dashboard.
 
 Times are `time.perf_counter()` readings taken in the gateway: `started` when the request
-was accepted, `first_token` when the first chunk carrying generated text was relayed
-(streams only), `finished` when the answer was complete.
+was accepted, `first_token` and `last_token` when the first and the last generated-text chunk
+were relayed (streams only), `finished` when the answer was complete.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 
-BASE = "base"
-LORA = "lora"
-DORA = "dora"
-ADAPTER_TYPES = (BASE, LORA, DORA)
+from gateway.telemetry.latency import time_per_output_token
+
+
+class AdapterType(StrEnum):
+    """The `adapter_type` label: what served a request (`BASE`: no adapter, the base model)."""
+
+    BASE = "base"
+    LORA = "lora"
+    DORA = "dora"
 
 
 @dataclass(frozen=True)
 class RequestRecord:
     tenant: str
     adapter: str
-    adapter_type: str
+    adapter_type: AdapterType
     started: float
     finished: float
     upstream_seconds: float
     status: int
     first_token: float | None = None
+    last_token: float | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
 
@@ -42,7 +49,4 @@ class RequestRecord:
 
     @property
     def tpot_seconds(self) -> float | None:
-        """Time per output token after the first: (finished - first_token) / (tokens - 1)."""
-        if self.first_token is None or not self.completion_tokens or self.completion_tokens < 2:
-            return None
-        return (self.finished - self.first_token) / (self.completion_tokens - 1)
+        return time_per_output_token(self.first_token, self.last_token, self.completion_tokens)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway.telemetry.latency import percentile
-from gateway.telemetry.records import BASE, RequestRecord
+from gateway.telemetry.records import AdapterType, RequestRecord
 
 DEFAULT_WINDOW_S = 300.0
 MAX_SAMPLES_PER_ADAPTER = 10_000
@@ -36,7 +36,7 @@ class LatencyWindow:
         self._clock = clock
         self._since = clock()
         self._samples: dict[str, deque[Sample]] = {}
-        self._types: dict[str, str] = {}
+        self._types: dict[str, AdapterType] = {}
 
     def add(self, record: RequestRecord) -> None:
         samples = self._samples.setdefault(record.adapter,
@@ -52,14 +52,15 @@ class LatencyWindow:
         now = self._clock()
         span = max(min(self.window_s, now - self._since), 1e-9)
         rows = [self._row(name, self._recent(name, now), span) for name in self._names()]
-        base = next((row for row in rows if row["adapter"] == BASE), None)
+        base = next((row for row in rows if row["type"] == AdapterType.BASE), None)
         for row in rows:
             row["ttft_overhead_pct"] = _overhead(row, base, "ttft_p50_ms")
             row["tpot_overhead_pct"] = _overhead(row, base, "tpot_p50_ms")
         return {"window_seconds": self.window_s, "adapters": rows}
 
     def _names(self) -> list[str]:
-        return sorted(self._samples, key=lambda name: (name != BASE, name))
+        return sorted(self._samples,
+                      key=lambda name: (self._types[name] != AdapterType.BASE, name))
 
     def _recent(self, name: str, now: float) -> list[Sample]:
         samples = self._samples[name]

@@ -47,6 +47,10 @@ class BackendPool:
     def any_healthy(self) -> bool:
         return any(backend.healthy for backend in self.backends)
 
+    def health(self) -> dict[str, bool]:
+        """Whether each backend is up, by URL."""
+        return {backend.url: backend.healthy for backend in self.backends}
+
     def healthy(self) -> list[Backend]:
         return [backend for backend in self.backends if backend.healthy]
 

@@ -5,8 +5,8 @@ again; error messages are scrubbed of it too), and a stream's `usage`, which the
 always asks vLLM for, is dropped again for clients that did not ask for it. Streams are
 relayed line by line as they arrive; however a stream ends on the client side, the upstream
 response is closed, which makes vLLM abort the generation. A non-streaming request whose
-client disconnects is cancelled for the same reason. The request's meter sees the first
-token relayed, vLLM's token counts and how the request ended.
+client disconnects is cancelled for the same reason. The request's meter sees each
+generated-text chunk relayed, vLLM's token counts and how the request ended.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from gateway.errors import BackendError, BackendUnavailable, BackendUnreachable, error_body
+from gateway.telemetry.latency import carries_generated_text
 from gateway.telemetry.meter import RequestMeter
 from gateway.tenancy.limits import Lease
 from gateway.upstream.pool import Backend, BackendPool
@@ -230,19 +231,8 @@ def _rewrite_chunk(payload: str, target: Target) -> str | None:
 def _meter_chunk(chunk: dict, meter: RequestMeter) -> None:
     if chunk.get("usage"):
         meter.usage(chunk["usage"])
-    if any(_carries_tokens(choice) for choice in chunk.get("choices") or ()):
-        meter.token_relayed()
-
-
-def _carries_tokens(choice: object) -> bool:
-    """A completions choice with text, or a chat delta with content, reasoning or tool calls."""
-    if not isinstance(choice, dict):
-        return False
-    delta = choice.get("delta")
-    if isinstance(delta, dict):
-        return any(delta.get(key) for key in ("content", "reasoning", "reasoning_content",
-                                                "tool_calls"))
-    return bool(choice.get("text"))
+    if carries_generated_text(chunk):
+        meter.text_relayed()
 
 
 def _dumps(data: object) -> str:
