@@ -58,8 +58,7 @@ class Target:
         return text.replace(self.upstream_model, self.client_model)
 
 
-async def forward(request: Request, target: Target, pool: BackendPool,
-                  lease: Lease) -> Response:
+async def forward(request: Request, target: Target, pool: BackendPool, lease: Lease) -> Response:
     """Relay `target` to a backend; `lease` is released when the answer is complete."""
     stream = target.body.get("stream") is True
     handed_off = False
@@ -92,8 +91,8 @@ async def _read_whole(upstream: httpx.Response) -> None:
         await upstream.aclose()
 
 
-async def _open(target: Target, pool: BackendPool,
-                stream: bool) -> tuple[Backend, httpx.Response]:
+async def _open(target: Target, pool: BackendPool, stream: bool,
+                ) -> tuple[Backend, httpx.Response]:
     """Send to the next healthy backend, trying the others while one cannot be reached."""
     for backend in pool.candidates():
         try:
