@@ -15,6 +15,7 @@ from tqdm import tqdm
 from gateway.bench.chart import write_chart
 from gateway.bench.load import BenchError, BenchSettings, Measurement, make_client, run_bench
 from gateway.bench.report import document, error_lines, summarize, table, write_json
+from gateway.names import BASE_MODEL
 
 KEY_VARIABLES = ("DORA_GATEWAY_API_KEY", "OPENAI_API_KEY")
 
@@ -32,7 +33,7 @@ def add_bench_command(commands: argparse._SubParsersAction) -> None:
                                          f"${KEY_VARIABLES[1]}")
     bench.add_argument("--model", action="append", metavar="NAME",
                        help="a model of the mix (repeatable; default: the base model)")
-    bench.add_argument("--base-model", default="base", metavar="NAME",
+    bench.add_argument("--base-model", default=BASE_MODEL, metavar="NAME",
                        help="the model TPOT ratios are taken against (default: %(default)s)")
     bench.add_argument("--lora-twin", action="append", type=_twin, metavar="DORA=LORA",
                        help="also compare DORA's TPOT with LORA's (repeatable), e.g. "

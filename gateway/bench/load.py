@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from adapters.errors import DoraGatewayError
+from gateway.names import BASE_MODEL
 from gateway.telemetry.latency import carries_generated_text, time_per_output_token
 
 Clock = Callable[[], float]
@@ -41,7 +42,7 @@ class BenchSettings:
 
     url: str
     models: tuple[str, ...]
-    base_model: str = "base"
+    base_model: str = BASE_MODEL
     lora_twins: dict[str, str] = field(default_factory=dict)
     concurrency: int = 4
     requests: int = 20

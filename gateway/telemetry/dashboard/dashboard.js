@@ -105,7 +105,7 @@
   }
 
   function overheadCell(col, row) {
-    if (row.adapter === "base") return pillCell(col, "baseline", "num missing");
+    if (isBase(row)) return pillCell(col, "baseline", "num missing");
     const pct = row[col];
     const text = formatPct(pct);
     if (text === null) {
@@ -160,9 +160,14 @@
     return td;
   }
 
+  /** The base model's row, known by its adapter type (its name is a separate thing). */
+  function isBase(row) {
+    return row.type === "base";
+  }
+
   function sortRows(rows) {
     return rows.slice().sort((a, b) => {
-      if ((a.adapter === "base") !== (b.adapter === "base")) return a.adapter === "base" ? -1 : 1;
+      if (isBase(a) !== isBase(b)) return isBase(a) ? -1 : 1;
       return a.adapter < b.adapter ? -1 : a.adapter > b.adapter ? 1 : 0;
     });
   }
