@@ -18,7 +18,8 @@ import pytest
 from adapters.vllm_plugin.compile_mode import COMPILE_ENV
 from gateway.engine.process import EngineProcess, EngineSettings
 from tests.conftest import TEST_OUTPUT
-from tests.engine import LOGPROB_TOLERANCE, complete, max_logprob_gap
+from tests.engine import LOGPROB_TOLERANCE, complete, load_adapter, max_logprob_gap
+from tests.factories import random_adapter
 
 pytestmark = pytest.mark.vllm
 MODELS = {"base": None, "caps": "caps", "pirate": "pirate", "caps-lora": "caps-lora"}
@@ -68,3 +69,12 @@ def test_one_batch_of_every_kind_matches_peft_and_the_eager_engine(
         gap = max_logprob_gap(default_model, adapter_of(demo_adapters, model), got,
                               label=model)
         assert gap < LOGPROB_TOLERANCE, (model, prompt, gap)
+
+
+def test_lora_on_lm_head_is_refused_when_compiled(compiled_engine, default_model, tmp_path):
+    """vLLM's CPU embedding/logits LoRA ops are not trace-safe: fail closed."""
+    adapter = random_adapter(default_model, tmp_path / "head-lora", r=4, lora_alpha=8,
+                             target_modules=["q_proj", "lm_head"])
+    response = load_adapter(compiled_engine.base_url, "head-lora", adapter)
+    assert response.status_code >= 400
+    assert "not supported by vLLM's compiled mode on the CPU" in response.text

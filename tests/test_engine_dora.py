@@ -127,3 +127,15 @@ def test_broken_adapter_is_refused_with_every_problem(engine, random_dora_adapte
     response = load_adapter(engine.base_url, "broken", broken)
     assert response.status_code >= 400
     assert "lora_bias" in response.text and "modules_to_save" in response.text
+
+
+def test_plain_lora_on_lm_head_is_served_as_peft(engine, default_model, tmp_path):
+    """The logits' LoRA step, skipped while no slot holds lm_head weights, runs when one
+    does."""
+    from tests.factories import random_adapter
+
+    adapter = random_adapter(default_model, tmp_path / "head-lora", r=4, lora_alpha=8,
+                             target_modules=["q_proj", "lm_head"])
+    assert load_adapter(engine.base_url, "head-lora", adapter).status_code == 200
+    completion = complete(engine.base_url, "head-lora", PROMPTS[3])
+    assert max_logprob_gap(default_model, adapter, completion) < LOGPROB_TOLERANCE

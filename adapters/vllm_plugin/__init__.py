@@ -4,8 +4,9 @@ vLLM loads general plugins in every process (API server, engine core, workers). 
 patches, once per process, vLLM's LoRA loading (`loading`), slot management (`manager`) and
 linear LoRA layers (`layers`, with the grouped CPU LoRA path of `cpu_lora` and the batch
 plan of `batch_plan`); it also fixes the stock CPU LoRA ops for base-model tokens
-(`cpu_punica_fix`), makes runtime unloading free the slot (`unload`) and, on request, lets
-the CPU engine compile with LoRA on (`compile_mode`). It patches only the vLLM release it
+(`cpu_punica_fix`), skips the vocabulary-sized LoRA step no adapter uses (`vocab_lora`),
+makes runtime unloading free the slot (`unload`) and, on request, lets the CPU engine
+compile with LoRA on (`compile_mode`). It patches only the vLLM release it
 was written against: on any other, it patches nothing and says so, and DoRA adapters stay
 refused by vLLM itself (fail closed).
 """
@@ -40,6 +41,7 @@ def register() -> None:
     from adapters.vllm_plugin.loading import patch_loading
     from adapters.vllm_plugin.manager import patch_manager
     from adapters.vllm_plugin.unload import patch_unload
+    from adapters.vllm_plugin.vocab_lora import patch_vocab_lora
 
     patch_cpu_compile_mode()
     patch_cpu_punica()
@@ -47,5 +49,6 @@ def register() -> None:
     patch_loading()
     patch_manager()
     patch_unload()
+    patch_vocab_lora()
     _patched = True
     logger.info("dora-gateway DoRA plugin active")

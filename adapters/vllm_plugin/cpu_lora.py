@@ -5,10 +5,12 @@ and run a batched einsum per slice, per layer and step; that made an adapter cos
 base model per token here. This path instead runs, per adapter present in the batch, one
 shrink and one expand over all of a layer's slices at once:
 
-- each layer's A slices live stacked in one `fused_a [max_loras, slices * r, in]` and its B
-  slices block-diagonally in one `fused_b [max_loras, out, slices * r]`; vLLM's own
+- each layer's A slices live stacked in one `fused_a [max_loras, r * slices, in]` and its B
+  slices block-diagonally in one `fused_b [max_loras, out, r * slices]`; vLLM's own
   `lora_a_stacked` / `lora_b_stacked` become views into them, so its `set_lora` and
-  `reset_lora` fill them unchanged (the off-diagonal blocks stay zero);
+  `reset_lora` fill them unchanged (the off-diagonal blocks stay zero). Rank j of slice i
+  is fused row j * slices + i, so an adapter of rank r < max_lora_rank uses the first
+  r * slices rows only, and the matmuls skip vLLM's zero padding;
 - the DoRA scale is applied in the same pass, to the base output of the group's tokens;
 - base-model tokens form no group and get nothing.
 
@@ -35,33 +37,40 @@ def fuse_lora_weights(layer: BaseLinearLayerWithLoRA) -> None:
     """Re-home vLLM's per-slice LoRA weights of `layer` as views of two fused tensors."""
     a_slices, b_slices = layer.lora_a_stacked, layer.lora_b_stacked
     max_loras, _, rank, in_size = a_slices[0].shape
+    slices = len(a_slices)
     out_sizes = [b.shape[2] for b in b_slices]
-    fused_rank = rank * len(a_slices)
     like = {"dtype": a_slices[0].dtype, "device": a_slices[0].device}
-    layer.fused_a = torch.zeros(max_loras, fused_rank, in_size, **like)
-    layer.fused_b = torch.zeros(max_loras, sum(out_sizes), fused_rank, **like)
-    offsets = [sum(out_sizes[:i]) for i in range(len(out_sizes))]
-    layer.lora_a_stacked = tuple(layer.fused_a[:, None, i * rank:(i + 1) * rank]
-                                 for i in range(len(a_slices)))
-    layer.lora_b_stacked = tuple(
-        layer.fused_b[:, None, offset:offset + size, i * rank:(i + 1) * rank]
-        for i, (offset, size) in enumerate(zip(offsets, out_sizes, strict=True)))
+    layer.fused_a = torch.zeros(max_loras, rank * slices, in_size, **like)
+    layer.fused_b = torch.zeros(max_loras, sum(out_sizes), rank * slices, **like)
+    offsets = [sum(out_sizes[:i]) for i in range(slices)]
+    layer.lora_a_stacked = tuple(layer.fused_a[:, None, i::slices] for i in range(slices))
+    layer.lora_b_stacked = tuple(layer.fused_b[:, None, offset:offset + size, i::slices]
+                                 for i, (offset, size) in enumerate(zip(offsets, out_sizes,
+                                                                        strict=True)))
     layer.dora_slot_weights = SlotWeights.of(layer.fused_a, layer.fused_b, layer.dora_scales)
 
 
 class SlotWeights(NamedTuple):
-    """Per-slot views of a layer's fused weights, made once (indexing and transposing per
-    layer and step would cost as much as the small matmuls themselves)."""
+    """Per-slot views of a layer's fused weights, made once per adapter (indexing and
+    transposing per layer and step would cost as much as the small matmuls themselves)."""
 
-    a_t: tuple[torch.Tensor, ...]  # [in, R] per slot
-    b_t: tuple[torch.Tensor, ...]  # [R, out] per slot
-    scale: tuple[torch.Tensor, ...]  # [out] per slot (the scale table without row 0)
+    a_t: list[torch.Tensor]  # [in, R_slot] per slot
+    b_t: list[torch.Tensor]  # [R_slot, out] per slot
+    scale: list[torch.Tensor]  # [out] per slot (the scale table without row 0)
 
     @classmethod
     def of(cls, fused_a: torch.Tensor, fused_b: torch.Tensor, scales: torch.Tensor,
            ) -> SlotWeights:
-        return cls(fused_a.transpose(1, 2).unbind(0), fused_b.transpose(1, 2).unbind(0),
-                   scales.unbind(0)[1:])
+        return cls(list(fused_a.transpose(1, 2).unbind(0)),
+                   list(fused_b.transpose(1, 2).unbind(0)), list(scales.unbind(0)[1:]))
+
+
+def use_rank(layer: BaseLinearLayerWithLoRA, slot: int, rank: int) -> None:
+    """Make the eager path's views of `slot` cover the `rank` its adapter really has (the
+    rest of the slot is vLLM's zero padding up to max_lora_rank)."""
+    used = rank * len(layer.lora_a_stacked)
+    layer.dora_slot_weights.a_t[slot] = layer.fused_a[slot, :used].t()
+    layer.dora_slot_weights.b_t[slot] = layer.fused_b[slot, :, :used].t()
 
 
 def add_lora(output: torch.Tensor, x: torch.Tensor, fused_a: torch.Tensor,

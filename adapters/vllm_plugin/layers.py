@@ -36,7 +36,7 @@ from vllm.platforms import current_platform
 from vllm.utils.import_utils import resolve_obj_by_qualname
 
 from adapters.vllm_plugin.batch_plan import BatchPlan
-from adapters.vllm_plugin.cpu_lora import apply_lora, fuse_lora_weights, register_op
+from adapters.vllm_plugin.cpu_lora import apply_lora, fuse_lora_weights, register_op, use_rank
 
 PLAN_ATTRIBUTE = "dora_plan"  # on the punica wrapper that all of a model's layers share
 # Exactly these classes: their subclasses (fully sharded LoRA, variable slices) split the
@@ -162,6 +162,8 @@ def patch_layers() -> None:
     def reset_lora(self, index: int) -> None:
         original_reset(self, index)
         reset_scale(self, index)
+        if self.dora_cpu_lora:
+            use_rank(self, index, 0)
 
     def set_mapping(self, punica_wrapper: PunicaWrapperBase) -> None:
         original_set_mapping(self, punica_wrapper)
@@ -173,6 +175,7 @@ def patch_layers() -> None:
     for cls in (BaseLinearLayerWithLoRA, MergedColumnParallelLinearWithLoRA,
                 MergedQKVParallelLinearWithLoRA):
         _wrap_create_lora_weights(cls)
+        _wrap_set_lora(cls)
     _patch_update_metadata()
     register_op()
 
@@ -197,6 +200,20 @@ def mapped_slots(index_mapping: tuple[int, ...], lora_index_to_id: list[int | No
     """The slots a batch's tokens use (-1: the base model), from vLLM's per-token lora ids
     (0: none) on the host."""
     return {lora_index_to_id.index(i) if i > 0 else -1 for i in set(index_mapping)}
+
+
+def _wrap_set_lora(cls: type) -> None:
+    if "set_lora" not in vars(cls):
+        return
+    original = cls.set_lora
+
+    def set_lora(self, index: int, lora_a, lora_b) -> None:
+        original(self, index, lora_a, lora_b)
+        if self.dora_cpu_lora:
+            parts = lora_a if isinstance(lora_a, list) else [lora_a]
+            use_rank(self, index, max((a.shape[0] for a in parts if a is not None), default=0))
+
+    cls.set_lora = set_lora
 
 
 def _patch_update_metadata() -> None:

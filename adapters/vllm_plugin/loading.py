@@ -13,11 +13,13 @@ from pathlib import Path
 import msgspec
 import torch
 from safetensors.torch import load_file
+from vllm.config import CompilationMode
 from vllm.lora.lora_model import LoRAModel
 from vllm.lora.peft_helper import PEFTHelper
 from vllm.lora.request import LoRARequest
 from vllm.lora.utils import get_adapter_absolute_path, parse_fine_tuned_lora_name
 from vllm.lora.worker_manager import WorkerLoRAManager
+from vllm.platforms import current_platform
 
 from adapters import paths
 from adapters.base_checkpoint import BaseCheckpoint
@@ -26,6 +28,7 @@ from adapters.errors import DoraGatewayError
 from adapters.peft_adapter import CONFIG_FILE
 from adapters.store import CompiledStore
 from adapters.vllm_plugin.layers import dora_unsupported_reason
+from adapters.vllm_plugin.vocab_lora import vocab_refusal
 
 SCALE_SUFFIX = ".dora_scale"
 
@@ -113,6 +116,8 @@ def patch_loading() -> None:
     def __init__(self, vllm_config, *args, **kwargs) -> None:
         original_init(self, vllm_config, *args, **kwargs)
         self.dora_base_model = vllm_config.model_config.model
+        self.dora_compiled_cpu = (current_platform.is_cpu() and vllm_config.compilation_config
+                                  .mode != CompilationMode.NONE)
 
     def _load_adapter(self, lora_request: LoRARequest) -> LoRAModel:
         absolute = get_adapter_absolute_path(lora_request.lora_path)
@@ -122,6 +127,8 @@ def patch_loading() -> None:
         lora.dora_scales = read_scales(served, mapper and mapper.get_rename_mapper())
         if lora.dora_scales:
             check_servable(self._adapter_manager, lora)
+        if self.dora_compiled_cpu and (reason := vocab_refusal(self._adapter_manager, lora)):
+            raise ValueError(reason)
         return lora
 
     def from_local_dir(cls, lora_path: str, max_position_embeddings: int | None) -> PEFTHelper:
