@@ -15,17 +15,20 @@ few persistent tensors, rewritten in place whenever vLLM maps a new batch:
   and `first` >= 0 says they are the contiguous positions first .. first + end - start - 1.
   Base-model tokens form no group: they get nothing.
 
-Host-side copies (`has_dora`, `single_slot`, `host_groups`) serve eager mode's fast paths
-only; traced code never reads them.
+Host-side copies (`has_dora`, `single_slot`) serve eager mode's fast paths only; traced
+code never reads them. `host_groups` is `groups` as Python objects, kept in step with it, for
+the CPU LoRA op, which runs outside any trace.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
 
 GROUP_FIELDS = 5  # slot, start, end, first, is_dora
+_PLANS: weakref.WeakValueDictionary[int, BatchPlan] = weakref.WeakValueDictionary()
 
 
 @dataclass
@@ -49,7 +52,8 @@ class BatchPlan:
         self.groups = torch.zeros(max_slots + 1, GROUP_FIELDS, dtype=torch.long)
         self.dora_slots: set[int] = set()  # slots whose adapter is DoRA (see `mark_dora`)
         self.present: set[int] = set()
-        self.host_groups: list[TokenGroup] = []  # `groups` as read back, for eager mode
+        self.host_groups: list[TokenGroup] = []  # what `groups` holds, as Python objects
+        _PLANS[self.groups.data_ptr()] = self
         self.has_dora = False
         self.single_slot: int | None = None
 
@@ -89,11 +93,9 @@ class BatchPlan:
         table = torch.tensor([header, *(group.as_row() for group in groups)], dtype=torch.long)
         self.groups[: table.shape[0]].copy_(table)
 
-def read_groups(groups: torch.Tensor) -> list[TokenGroup]:
-    """The groups a plan's `groups` tensor holds (read by the CPU LoRA op, at run time)."""
-    count = int(groups[0, 0])
-    return [TokenGroup(slot, start, end, first, bool(is_dora))
-            for slot, start, end, first, is_dora in groups[1: 1 + count].tolist()]
+def plan_by_groups(groups: torch.Tensor) -> BatchPlan:
+    """The plan whose `groups` tensor this is (the CPU LoRA op is given tensors only)."""
+    return _PLANS[groups.data_ptr()]
 
 
 def group_tokens(token_slots: torch.Tensor, dora_slots: set[int],

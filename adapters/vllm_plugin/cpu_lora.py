@@ -21,6 +21,7 @@ one opaque call, as it does vLLM's GPU LoRA kernels, and it reads the batch plan
 
 from __future__ import annotations
 
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -28,9 +29,12 @@ from torch.library import Library
 from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
 from vllm.utils.torch_utils import direct_register_custom_op
 
-from adapters.vllm_plugin.batch_plan import BatchPlan, TokenGroup, read_groups
+from adapters.vllm_plugin.batch_plan import BatchPlan, TokenGroup, plan_by_groups
 
 _LIBRARY = Library("dora_gateway", "FRAGMENT")  # must live as long as the op
+# fused_a's address -> its layer, for the custom op, which is given tensors only
+_FUSED_LAYERS: weakref.WeakValueDictionary[int, BaseLinearLayerWithLoRA] = \
+    weakref.WeakValueDictionary()
 
 
 def fuse_lora_weights(layer: BaseLinearLayerWithLoRA) -> None:
@@ -48,6 +52,7 @@ def fuse_lora_weights(layer: BaseLinearLayerWithLoRA) -> None:
                                  for i, (offset, size) in enumerate(zip(offsets, out_sizes,
                                                                         strict=True)))
     layer.dora_slot_weights = SlotWeights.of(layer.fused_a, layer.fused_b, layer.dora_scales)
+    _FUSED_LAYERS[layer.fused_a.data_ptr()] = layer
 
 
 class SlotWeights(NamedTuple):
@@ -83,9 +88,12 @@ def add_lora(output: torch.Tensor, x: torch.Tensor, fused_a: torch.Tensor,
     Shapes: output [tokens, out] (the base layer's output, without bias), x [tokens, in],
     fused_a [max_loras, R, in], fused_b [max_loras, out, R], scales [max_loras + 1, out];
     `order` and `groups` are a `BatchPlan`'s. Rows past the plan's tokens (padding) are
-    left as they are.
+    left as they are. The tensors name their layer and plan, whose host-side views of them
+    (per-slot weights cut to each adapter's rank, the groups as read) are used rather than
+    rebuilt per call; `scales` is the layer's own table.
     """
-    add_groups(output, x, read_groups(groups), SlotWeights.of(fused_a, fused_b, scales), order)
+    add_groups(output, x, plan_by_groups(groups).host_groups,
+               _FUSED_LAYERS[fused_a.data_ptr()].dora_slot_weights, order)
 
 
 def add_groups(output: torch.Tensor, x: torch.Tensor, groups: list[TokenGroup],
@@ -121,8 +129,7 @@ def register_op() -> None:
 def apply_lora(layer: BaseLinearLayerWithLoRA, output: torch.Tensor, x: torch.Tensor,
                plan: BatchPlan) -> None:
     """`add_lora` for one layer: while Dynamo traces, as the custom op (the graph holds one
-    opaque call that reads the plan's tensors at run time); eagerly, straight from the
-    plan's host copy of its groups and the layer's slot views."""
+    opaque call that reads the plan at run time); eagerly, without the dispatcher."""
     if torch.compiler.is_compiling():
         torch.ops.dora_gateway.add_lora(output, x, layer.fused_a, layer.fused_b,
                                         layer.dora_scales, plan.order, plan.groups)
