@@ -59,6 +59,8 @@ class EngineConfig:
     dtype: str = "float32"
     max_loras: int = 4
     max_lora_rank: int = 16
+    max_cpu_loras: int = 32
+    compile: bool = True
     extra_args: tuple[str, ...] = ()
     backends: tuple[str, ...] = ()
 
@@ -123,7 +125,8 @@ class _Reader:
         server = self.table(data, "server", {"host", "port", "max_body_bytes",
                                              "cache_salt_secret"})
         engine = self.table(data, "engine", {"dtype", "max_loras", "max_lora_rank",
-                                             "extra_args", "backends"})
+                                             "max_cpu_loras", "compile", "extra_args",
+                                             "backends"})
         adapters = self.table(data, "adapters", {"dir", "roots", "eager", "max_upload_bytes"})
         admin = self.table(data, "admin", {"api_keys"})
         metrics = self.table(data, "metrics", {"access", "api_keys", "window_seconds"})
@@ -167,6 +170,8 @@ class _Reader:
             dtype=dtype,
             max_loras=self.integer(table, "engine", "max_loras", defaults.max_loras),
             max_lora_rank=max_lora_rank,
+            max_cpu_loras=self.integer(table, "engine", "max_cpu_loras", defaults.max_cpu_loras),
+            compile=self.value(table, "engine", "compile", bool, defaults.compile),
             extra_args=self.strings(table, "engine", "extra_args"),
             backends=tuple(url.rstrip("/") for url in backends),
         )

@@ -47,6 +47,7 @@ def local_engine(config: GatewayConfig) -> EngineProcess:
     engine = config.engine
     settings = EngineSettings(model=config.model_path, dtype=engine.dtype,
                               max_loras=engine.max_loras, max_lora_rank=engine.max_lora_rank,
+                              max_cpu_loras=engine.max_cpu_loras, compile=engine.compile,
                               extra_args=list(engine.extra_args))
     return EngineProcess(settings, log_path=paths.home() / "logs" / "vllm-gateway.log")
 

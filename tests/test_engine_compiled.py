@@ -2,9 +2,10 @@
 LoRA and base-model requests, alone and in one batch, against PEFT and the eager engine.
 
 vLLM 0.32's CPU platform refuses to compile with LoRA on; the plugin lifts that with
-`DORA_GATEWAY_CPU_COMPILE=1`, since its CPU LoRA path is trace-safe. This is the same kind
-of graph vLLM builds on a GPU (minus CUDA graphs): one trace, no guards, replayed for every
-later batch, so a layer that read stale batch state would answer for the wrong adapter.
+`DORA_GATEWAY_CPU_COMPILE=1` (`EngineSettings.compile`), since its CPU LoRA path is
+trace-safe. This is the same kind of graph vLLM builds on a GPU (minus CUDA graphs): one
+trace, no guards, replayed for every later batch, so a layer that read stale batch state
+would answer for the wrong adapter.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from adapters.vllm_plugin.compile_mode import COMPILE_ENV
 from gateway.engine.process import EngineProcess, EngineSettings
 from tests.conftest import TEST_OUTPUT
 from tests.engine import LOGPROB_TOLERANCE, complete, load_adapter, max_logprob_gap
@@ -32,7 +32,7 @@ def compiled_engine(default_model: Path, demo_adapters: Path) -> Iterator[Engine
     settings = EngineSettings(
         model=default_model, max_loras=2, max_cpu_loras=3, max_lora_rank=16,
         lora_modules={name: demo_adapters / name for name in MODELS if name != "base"},
-        extra_env={COMPILE_ENV: "1"})
+        compile=True)
     with EngineProcess(settings, log_path=TEST_OUTPUT / "vllm-compiled.log") as server:
         yield server
 

@@ -228,3 +228,12 @@ def test_metrics_defaults_and_every_bad_value_reported(tmp_path):
     assert "metrics.access: 'public' is not one of ['local', 'key', 'open']" in problems
     assert "metrics.window_seconds: must be between 1 and 86400" in problems
     assert "metrics.api_keys[0]" in problems
+
+
+def test_the_local_engine_compiles_by_default_and_keeps_32_adapters_loaded(tmp_path):
+    engine = load_config(write(tmp_path, MINIMAL), {}).engine
+    assert engine.compile is True and engine.max_cpu_loras == 32
+    engine = load_config(write(tmp_path, MINIMAL + "[engine]\ncompile = false\n"
+                                                   "max_cpu_loras = 8\n"), {}).engine
+    assert engine.compile is False and engine.max_cpu_loras == 8
+    assert "engine.compile" in problems(tmp_path, MINIMAL + '[engine]\ncompile = "yes"\n')

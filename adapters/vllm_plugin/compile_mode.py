@@ -4,8 +4,9 @@ vLLM 0.32's CPU platform traces the model once with Dynamo (then inductor) by de
 turns compilation off whenever LoRA is enabled: its CPU LoRA ops read host-side batch state
 that a graph traced once would freeze. The plugin's CPU LoRA path reads only persistent
 tensors through an opaque op (`cpu_lora`), so with `DORA_GATEWAY_CPU_COMPILE=1` the plugin
-keeps the compile mode the platform chose for the model with LoRA on too. `--enforce-eager`
-(mode NONE) is honoured either way.
+keeps the compile mode the platform chose for the model with LoRA on too (the gateway sets
+it for the engine it starts, `[engine] compile`). `--enforce-eager` (mode NONE) is honoured
+either way.
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ import os
 from vllm.config import CompilationMode, VllmConfig
 from vllm.platforms.cpu import CpuPlatform
 
-COMPILE_ENV = "DORA_GATEWAY_CPU_COMPILE"
+from adapters.plugin_env import CPU_COMPILE
 
 
 def compile_with_lora() -> bool:
-    return os.environ.get(COMPILE_ENV, "0") == "1"
+    return os.environ.get(CPU_COMPILE, "0") == "1"
 
 
 def patch_cpu_compile_mode() -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 
 from adapters.errors import DoraGatewayError
+from adapters.plugin_env import CPU_COMPILE
 from gateway.upstream.vllm_api import HEALTH_PATH, SERVED_BASE_MODEL
 
 
@@ -36,6 +37,7 @@ class EngineSettings:
     max_loras: int = 4
     max_lora_rank: int = 16
     max_cpu_loras: int | None = None
+    compile: bool = False  # vLLM's compiled mode with LoRA on the CPU (the plugin's lift)
     lora_modules: dict[str, Path] = field(default_factory=dict)
     extra_args: list[str] = field(default_factory=list)
     extra_env: dict[str, str] = field(default_factory=dict)
@@ -92,7 +94,7 @@ class EngineProcess:
     def start(self) -> None:
         env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
                "VLLM_CPU_KVCACHE_SPACE": str(self.settings.kv_cache_gib),
-               **self.settings.extra_env}
+               CPU_COMPILE: "1" if self.settings.compile else "0", **self.settings.extra_env}
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
