@@ -195,13 +195,6 @@ def _wrap_create_lora_weights(cls: type) -> None:
     cls.create_lora_weights = create_lora_weights
 
 
-def mapped_slots(index_mapping: tuple[int, ...], lora_index_to_id: list[int | None],
-                 ) -> set[int]:
-    """The slots a batch's tokens use (-1: the base model), from vLLM's per-token lora ids
-    (0: none) on the host."""
-    return {lora_index_to_id.index(i) if i > 0 else -1 for i in set(index_mapping)}
-
-
 def _wrap_set_lora(cls: type) -> None:
     if "set_lora" not in vars(cls):
         return
@@ -214,6 +207,13 @@ def _wrap_set_lora(cls: type) -> None:
             use_rank(self, index, max((a.shape[0] for a in parts if a is not None), default=0))
 
     cls.set_lora = set_lora
+
+
+def mapped_slots(index_mapping: tuple[int, ...], lora_index_to_id: list[int | None],
+                 ) -> set[int]:
+    """The slots a batch's tokens use (-1: the base model), from vLLM's per-token lora ids
+    (0: none) on the host."""
+    return {lora_index_to_id.index(i) if i > 0 else -1 for i in set(index_mapping)}
 
 
 def _patch_update_metadata() -> None:
