@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.gateway_fakes import FakeVllm, make_demo_adapters
+from tests.gateway_fakes import FakeVllm, make_demo_adapters, make_gateway
 
 
 @pytest.fixture
@@ -27,3 +27,11 @@ def store_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def vllm() -> FakeVllm:
     return FakeVllm()
+
+
+@pytest.fixture
+async def gateway(tmp_path, llama_base, demo, store_dir, vllm):
+    """A gateway app over the fake vLLM, per test (modules that need another define theirs)."""
+    gateway = await make_gateway(tmp_path, llama_base, demo, store_dir, vllm)
+    yield gateway
+    await gateway.pool.aclose()

@@ -30,13 +30,6 @@ FILES = ("adapter_config.json", "adapter_model.safetensors")
 RANK_REFUSAL = "LoRA rank 32 is greater than max_lora_rank 16"
 
 
-@pytest.fixture
-async def gateway(tmp_path, llama_base, demo, store_dir, vllm):
-    gateway = await make_gateway(tmp_path, llama_base, demo, store_dir, vllm)
-    yield gateway
-    await gateway.pool.aclose()
-
-
 def wide_adapter(base: Path, directory: Path, **lora_kwargs) -> Path:
     """A sound DoRA adapter of rank 32 (unless `lora_kwargs` say otherwise)."""
     settings = {"r": 32, "lora_alpha": 32, "target_modules": LLAMA_TARGETS, "use_dora": True}

@@ -28,13 +28,6 @@ MESSAGES = [{"role": "user", "content": "Hi"}]
 METRICS_KEY = "sk-metrics-0123456789abcdef"
 
 
-@pytest.fixture
-async def gateway(tmp_path, llama_base, demo, store_dir, vllm):
-    gateway = await make_gateway(tmp_path, llama_base, demo, store_dir, vllm)
-    yield gateway
-    await gateway.pool.aclose()
-
-
 async def scrape(gateway) -> dict[tuple[str, tuple], float]:
     """Every sample as {(name, sorted labels): value}."""
     async with gateway.client() as client:

@@ -27,13 +27,6 @@ LOAD = "/v1/load_lora_adapter"
 MESSAGES = [{"role": "user", "content": "Hi"}]
 
 
-@pytest.fixture
-async def gateway(tmp_path, llama_base, demo, store_dir, vllm):
-    gateway = await make_gateway(tmp_path, llama_base, demo, store_dir, vllm)
-    yield gateway
-    await gateway.pool.aclose()
-
-
 def assert_openai_error(response: httpx.Response, status: int, type_: str,
                         code: str | None = None) -> dict:
     assert response.status_code == status, response.text
