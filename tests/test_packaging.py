@@ -250,11 +250,12 @@ def test_stock_vllm_server_serves_a_dora_demo_adapter_from_the_wheel(
 
 
 def test_the_cuda_extra_resolves_from_pypi_for_python_312(dist, tmp_path):
-    """Metadata only (pip reads wheels' METADATA with range requests), so no CUDA download."""
+    """Metadata only (pip reads wheels' METADATA with range requests), so no CUDA download;
+    `--isolated` leaves pip's default index, PyPI, as the only one."""
     report = tmp_path / "report.json"
     command = [sys.executable, "-m", "pip", "install", "--isolated", "--dry-run",
                "--ignore-installed", "--only-binary=:all:", "--python-version", "3.12",
-               "--use-feature=fast-deps", "--index-url", "https://pypi.org/simple",
+               "--use-feature=fast-deps",
                "--report", str(report), f"dora-gateway[cuda] @ {dist[1].as_uri()}"]
     result = subprocess.run(command, capture_output=True, text=True, check=False, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
