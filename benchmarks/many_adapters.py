@@ -54,7 +54,7 @@ def adapter_names(count: int) -> dict[str, Path]:
     return {f"{DEMO[i % len(DEMO)]}-{i}": demo / DEMO[i % len(DEMO)] for i in range(count)}
 
 
-async def traffic(url: str, models: list[str], streams: int, tokens: int) -> Run:
+async def traffic(kind: str, url: str, models: list[str], streams: int, tokens: int) -> Run:
     settings = BenchSettings(url=url, models=tuple(sorted(set(models))), concurrency=streams,
                              max_tokens=tokens, warmup=False)
     slots = asyncio.Semaphore(streams)
@@ -65,7 +65,7 @@ async def traffic(url: str, models: list[str], streams: int, tokens: int) -> Run
                                      time.perf_counter)
         started = time.perf_counter()
         results = await asyncio.gather(*(one(i, m) for i, m in enumerate(models)))
-    return Run("", time.perf_counter() - started, list(results))
+    return Run(kind, time.perf_counter() - started, list(results))
 
 
 def summary(runs: list[Run]) -> str:
@@ -87,7 +87,7 @@ def cold_load(url: str, names: dict[str, Path], tokens: int) -> None:
     response = load_adapter(url, name, path)
     response.raise_for_status()
     load_s = time.perf_counter() - started
-    first, second = (asyncio.run(traffic(url, [name], 1, tokens)).measurements[0]
+    first, second = (asyncio.run(traffic("cold", url, [name], 1, tokens)).measurements[0]
                      for _ in range(2))
     print(f"cold load: load call {1e3 * load_s:.0f} ms; TTFT of the first request "
           f"{1e3 * first.ttft_s:.0f} ms, of the next {1e3 * second.ttft_s:.0f} ms")
@@ -120,9 +120,8 @@ def main() -> None:
             for kind in runs:
                 models = ([next(iter(names))] * args.requests if kind == "one" else
                           [chooser.choice(list(names)) for _ in range(args.requests)])
-                run = asyncio.run(traffic(engine.base_url, models, args.streams, args.tokens))
-                run.kind = kind
-                runs[kind].append(run)
+                runs[kind].append(asyncio.run(traffic(kind, engine.base_url, models,
+                                                      args.streams, args.tokens)))
         print(f"{args.adapters} adapters, {args.slots} slots, CPU cache "
               f"{args.cpu_cache or args.slots}, {args.streams} streams, {args.tokens} tokens")
         print("| traffic | requests | failed | tokens/s | TTFT p50 ms | TTFT p95 ms | "

@@ -31,20 +31,29 @@ BATCHES = {
 }
 
 
+def load_twins(layer, generator: torch.Generator):
+    """A LoRA adapter in one slot and a DoRA adapter with the same A and B in the other (B
+    scaled so the LoRA term is well above float32 rounding); returns A, B and s."""
+    a, b, s = random_slot_weights(layer, RANK, generator)
+    b = [10 * b_i for b_i in b]
+    load_slot(layer, LORA_SLOT, a, b, None)
+    load_slot(layer, DORA_SLOT, a, b, s)
+    return a, b, s
+
+
+def filled_block(seed: int, max_tokens: int):
+    """The layers with both slots loaded, and per layer the weights the formula needs."""
+    plugin.register()
+    generator = torch.Generator().manual_seed(seed)
+    block = lora_block(SHAPES, MAX_RANK, max_tokens=max_tokens, generator=generator, bias=True)
+    weights = {name: (*block.base_weights[name], *load_twins(layer, generator))
+               for name, layer in block.layers.items()}
+    return block, weights
+
+
 @pytest.fixture(scope="module")
 def block(vllm_context):
-    """The layers, and per layer the adapter weights loaded into both slots."""
-    plugin.register()
-    generator = torch.Generator().manual_seed(0)
-    block = lora_block(SHAPES, MAX_RANK, max_tokens=8, generator=generator, bias=True)
-    weights = {}
-    for name, layer in block.layers.items():
-        a, b, s = random_slot_weights(layer, RANK, generator)
-        b = [10 * b_i for b_i in b]  # a LoRA term well above float32 rounding
-        load_slot(layer, LORA_SLOT, a, b, None)
-        load_slot(layer, DORA_SLOT, a, b, s)
-        weights[name] = (*block.base_weights[name], a, b, s)
-    return block, weights
+    return filled_block(seed=0, max_tokens=8)
 
 
 def expected(x: torch.Tensor, slots, w0, bias, a, b, s) -> torch.Tensor:
@@ -83,13 +92,9 @@ def test_long_prefill_batches_with_split_runs_follow_the_formula(vllm_context, s
     generator = torch.Generator().manual_seed(5)
     block = lora_block(SHAPES, MAX_RANK, max_tokens=len(slots), generator=generator, bias=True)
     select_batch(block.wrapper, slots, is_prefill=True)
-    for name, layer in block.layers.items():
-        a, b, s = random_slot_weights(layer, RANK, generator)
-        b = [10 * b_i for b_i in b]
-        load_slot(layer, LORA_SLOT, a, b, None)
-        load_slot(layer, DORA_SLOT, a, b, s)
+    for name, layer in block.layers.items():  # loaded after the batch was mapped
+        weights = (*block.base_weights[name], *load_twins(layer, generator))
         x = torch.randn(len(slots), layer.input_size, generator=generator)
-        weights = (*block.base_weights[name], a, b, s)
         torch.testing.assert_close(layer(x)[0], expected(x, slots, *weights),
                                    rtol=1e-5, atol=1e-5, msg=name)
 

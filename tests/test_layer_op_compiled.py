@@ -12,14 +12,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-import adapters.vllm_plugin as plugin
 from adapters.vllm_plugin.layers import _scale_base_output, plan_of
-from tests.test_layer_op import BATCHES, MAX_RANK, RANK, SHAPES, expected
+from tests.test_layer_op import BATCHES, RANK, expected, filled_block
 from tests.vllm_layers import (
     DORA_SLOT,
     LORA_SLOT,
     load_slot,
-    lora_block,
     random_slot_weights,
     select_batch,
 )
@@ -34,25 +32,9 @@ def compile_without_guards(function, backend: str = "eager"):
                          options={"guard_filter_fn": torch.compiler.skip_all_guards_unsafe})
 
 
-def filled_block(seed: int):
-    """A block with a LoRA adapter in one slot and a DoRA adapter (same A, B) in the other,
-    and per layer the weights the formula needs."""
-    plugin.register()
-    generator = torch.Generator().manual_seed(seed)
-    block = lora_block(SHAPES, MAX_RANK, max_tokens=16, generator=generator, bias=True)
-    weights = {}
-    for name, layer in block.layers.items():
-        a, b, s = random_slot_weights(layer, RANK, generator)
-        b = [10 * b_i for b_i in b]
-        load_slot(layer, LORA_SLOT, a, b, None)
-        load_slot(layer, DORA_SLOT, a, b, s)
-        weights[name] = (*block.base_weights[name], a, b, s)
-    return block, weights
-
-
 @pytest.fixture(scope="module")
 def block(vllm_context):
-    return filled_block(seed=3)
+    return filled_block(seed=3, max_tokens=16)
 
 
 def block_forward(layers):
@@ -112,7 +94,7 @@ def read_tensors(block) -> dict[str, int]:
 
 
 def test_read_tensors_keep_their_storage_across_batches_and_swaps(vllm_context):
-    block, _ = filled_block(seed=4)
+    block, _ = filled_block(seed=4, max_tokens=16)
     before = read_tensors(block)
     assert before["qkv_proj.stacked0"] == before["qkv_proj.fused_a"]
     generator = torch.Generator().manual_seed(9)
