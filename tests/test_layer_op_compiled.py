@@ -84,7 +84,7 @@ def read_tensors(block) -> dict[str, int]:
     """Storage address of every tensor the layer op reads."""
     plan = plan_of(next(iter(block.layers.values())))
     addresses = {f"plan.{name}": getattr(plan, name).data_ptr()
-                 for name in ("rows", "order", "groups")}
+                 for name in ("rows", "order")}
     for name, layer in block.layers.items():
         for attribute in ("fused_a", "fused_b", "dora_scales"):
             addresses[f"{name}.{attribute}"] = getattr(layer, attribute).data_ptr()

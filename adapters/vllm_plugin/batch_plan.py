@@ -10,14 +10,11 @@ few persistent tensors, rewritten in place whenever vLLM maps a new batch:
   table's row 0 is all ones), slot + 1 for an adapter. A gather by `rows` needs no branch,
   and rows past the batch keep valid old values, so padded tokens index safely.
 - `order [max_tokens]`: the batch's token positions grouped by slot (stable).
-- `groups [max_slots + 1, 5]`: row 0 starts with the number of groups; row g + 1
-  describes group g as (slot, start, end, first, is_dora): its tokens are order[start:end],
-  and `first` >= 0 says they are the contiguous positions first .. first + end - start - 1.
-  Base-model tokens form no group: they get nothing.
 
-Host-side copies (`has_dora`, `single_slot`) serve eager mode's fast paths only; traced
-code never reads them. `host_groups` is `groups` as Python objects, kept in step with it, for
-the CPU LoRA op, which runs outside any trace.
+Beside them, host-side state: `groups`, one `TokenGroup` per slot present (its tokens are
+order[start:end]; base-model tokens form no group and get nothing), read by the CPU LoRA op,
+which runs outside any trace (it is opaque to Dynamo); and `has_dora`, `single_slot`, which
+serve eager mode's fast paths only and which traced code never reads.
 """
 
 from __future__ import annotations
@@ -27,7 +24,6 @@ from dataclasses import dataclass
 
 import torch
 
-GROUP_FIELDS = 5  # slot, start, end, first, is_dora
 _PLANS: weakref.WeakValueDictionary[int, BatchPlan] = weakref.WeakValueDictionary()
 
 
@@ -39,21 +35,17 @@ class TokenGroup:
     first: int  # -1 when the group's tokens are not contiguous
     is_dora: bool
 
-    def as_row(self) -> list[int]:
-        return [self.slot, self.start, self.end, self.first, int(self.is_dora)]
-
 
 class BatchPlan:
     """The persistent per-token tensors that the LoRA layers of one punica wrapper read."""
 
-    def __init__(self, max_tokens: int, max_slots: int, device: torch.device | str) -> None:
+    def __init__(self, max_tokens: int, device: torch.device | str) -> None:
         self.rows = torch.zeros(max_tokens, dtype=torch.long, device=device)
         self.order = torch.zeros(max_tokens, dtype=torch.long, device=device)
-        self.groups = torch.zeros(max_slots + 1, GROUP_FIELDS, dtype=torch.long)
+        self.groups: list[TokenGroup] = []
         self.dora_slots: set[int] = set()  # slots whose adapter is DoRA (see `mark_dora`)
         self.present: set[int] = set()
-        self.host_groups: list[TokenGroup] = []  # what `groups` holds, as Python objects
-        _PLANS[self.groups.data_ptr()] = self
+        _PLANS[self.order.data_ptr()] = self
         self.has_dora = False
         self.single_slot: int | None = None
 
@@ -79,23 +71,18 @@ class BatchPlan:
         else:
             self.dora_slots.discard(slot)
         self.has_dora = bool(self.present & self.dora_slots)
-        rows = self.groups[1: 1 + len(self.host_groups)]
-        rows[rows[:, 0] == slot, 4] = int(is_dora)
-        for group in self.host_groups:
+        for group in self.groups:
             if group.slot == slot:
                 group.is_dora = is_dora
 
     def _write_groups(self, token_slots: torch.Tensor) -> None:
-        order, groups = group_tokens(token_slots, self.dora_slots)
-        self.host_groups = groups
+        order, self.groups = group_tokens(token_slots, self.dora_slots)
         self.order[: order.shape[0]].copy_(order)
-        header = [len(groups), 0, 0, 0, 0]
-        table = torch.tensor([header, *(group.as_row() for group in groups)], dtype=torch.long)
-        self.groups[: table.shape[0]].copy_(table)
 
-def plan_by_groups(groups: torch.Tensor) -> BatchPlan:
-    """The plan whose `groups` tensor this is (the CPU LoRA op is given tensors only)."""
-    return _PLANS[groups.data_ptr()]
+
+def plan_by_order(order: torch.Tensor) -> BatchPlan:
+    """The plan whose `order` tensor this is (the CPU LoRA op is given tensors only)."""
+    return _PLANS[order.data_ptr()]
 
 
 def group_tokens(token_slots: torch.Tensor, dora_slots: set[int],

@@ -29,7 +29,7 @@ from torch.library import Library
 from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
 from vllm.utils.torch_utils import direct_register_custom_op
 
-from adapters.vllm_plugin.batch_plan import BatchPlan, TokenGroup, plan_by_groups
+from adapters.vllm_plugin.batch_plan import BatchPlan, TokenGroup, plan_by_order
 
 _LIBRARY = Library("dora_gateway", "FRAGMENT")  # must live as long as the op
 # fused_a's address -> its layer, for the custom op, which is given tensors only
@@ -79,26 +79,25 @@ def use_rank(layer: BaseLinearLayerWithLoRA, slot: int, rank: int) -> None:
 
 
 def add_lora(output: torch.Tensor, x: torch.Tensor, fused_a: torch.Tensor,
-             fused_b: torch.Tensor, scales: torch.Tensor, order: torch.Tensor,
-             groups: torch.Tensor) -> None:
+             fused_b: torch.Tensor, scales: torch.Tensor, order: torch.Tensor) -> None:
     """Semantics, for every token t whose slot i_t >= 0 (in place):
         output[t] = scales[i_t + 1] * output[t] + fused_b[i_t] @ (fused_a[i_t] @ x[t])
     where the scale applies to DoRA slots only (`scales` row 0 is the base model's ones).
 
     Shapes: output [tokens, out] (the base layer's output, without bias), x [tokens, in],
     fused_a [max_loras, R, in], fused_b [max_loras, out, R], scales [max_loras + 1, out];
-    `order` and `groups` are a `BatchPlan`'s. Rows past the plan's tokens (padding) are
-    left as they are. The tensors name their layer and plan, whose host-side views of them
-    (per-slot weights cut to each adapter's rank, the groups as read) are used rather than
-    rebuilt per call; `scales` is the layer's own table.
+    `order` is a `BatchPlan`'s. Rows past the plan's tokens (padding) are left as they are.
+    The tensors name their layer and plan: the layer's per-slot views of its weights (cut to
+    each adapter's rank) and the plan's current groups are used, not rebuilt per call;
+    `scales` is the layer's own table.
     """
-    add_groups(output, x, plan_by_groups(groups).host_groups,
+    add_groups(output, x, plan_by_order(order).groups,
                _FUSED_LAYERS[fused_a.data_ptr()].dora_slot_weights, order)
 
 
 def add_groups(output: torch.Tensor, x: torch.Tensor, groups: list[TokenGroup],
                weights: SlotWeights, order: torch.Tensor) -> None:
-    """`add_lora` over groups and weights already read from their tensors."""
+    """`add_lora` over the plan's groups and the layer's slot views."""
     for group in groups:
         if group.first >= 0:  # contiguous tokens: views, nothing copied
             span = slice(group.first, group.first + group.end - group.start)
@@ -114,8 +113,7 @@ def add_groups(output: torch.Tensor, x: torch.Tensor, groups: list[TokenGroup],
 
 
 def _add_lora_fake(output: torch.Tensor, x: torch.Tensor, fused_a: torch.Tensor,
-                   fused_b: torch.Tensor, scales: torch.Tensor, order: torch.Tensor,
-                   groups: torch.Tensor) -> None:
+                   fused_b: torch.Tensor, scales: torch.Tensor, order: torch.Tensor) -> None:
     return None
 
 
@@ -132,6 +130,6 @@ def apply_lora(layer: BaseLinearLayerWithLoRA, output: torch.Tensor, x: torch.Te
     opaque call that reads the plan at run time); eagerly, without the dispatcher."""
     if torch.compiler.is_compiling():
         torch.ops.dora_gateway.add_lora(output, x, layer.fused_a, layer.fused_b,
-                                        layer.dora_scales, plan.order, plan.groups)
+                                        layer.dora_scales, plan.order)
     else:
-        add_groups(output, x, plan.host_groups, layer.dora_slot_weights, plan.order)
+        add_groups(output, x, plan.groups, layer.dora_slot_weights, plan.order)

@@ -101,7 +101,6 @@ def plan_of(layer: BaseLinearLayerWithLoRA) -> BatchPlan:
     wrapper = layer.punica_wrapper
     if not hasattr(wrapper, PLAN_ATTRIBUTE):
         setattr(wrapper, PLAN_ATTRIBUTE, BatchPlan(wrapper._token_lora_indices.shape[0],
-                                                   layer.dora_scales.shape[0] - 1,
                                                    wrapper.device))
     return getattr(wrapper, PLAN_ATTRIBUTE)
 
