@@ -17,8 +17,12 @@ from gateway.api.admin_routes import admin_router, is_upload_path
 from gateway.api.body_limit import BodyLimitMiddleware
 from gateway.api.error_handlers import install_error_handlers
 from gateway.api.health_route import health_router
+from gateway.api.json_body import JsonBodyMiddleware
 from gateway.api.observability_routes import observability_router
 from gateway.api.openai_routes import openai_router
+from gateway.api.request_ids import RequestIdMiddleware
+from gateway.api.shutdown_gate import ShutdownGate, ShutdownGateMiddleware
+from gateway.api.slow_clients import WriteTimeoutMiddleware
 from gateway.config import GatewayConfig
 from gateway.registry import AdapterRegistry
 from gateway.telemetry.hub import Telemetry
@@ -62,5 +66,12 @@ def create_app(config: GatewayConfig, registry: AdapterRegistry, backends: Backe
             return config.adapters.max_upload_bytes
         return config.server.max_body_bytes
 
+    # Outermost last: every answer has an id, a stopping gateway refuses before reading.
+    app.add_middleware(WriteTimeoutMiddleware,
+                       timeout_s=config.server.stream_write_timeout_seconds)
+    app.add_middleware(JsonBodyMiddleware)
     app.add_middleware(BodyLimitMiddleware, limit_for=body_limit)
+    app.state.shutdown_gate = ShutdownGate()
+    app.add_middleware(ShutdownGateMiddleware, gate=app.state.shutdown_gate)
+    app.add_middleware(RequestIdMiddleware)
     return app

@@ -47,6 +47,10 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     max_body_bytes: int = 1 << 20
+    # On SIGTERM: how long requests in flight may run on while new ones get 503.
+    shutdown_grace_seconds: int = 30
+    # How long one write to a stream's client may wait (a client that stopped reading).
+    stream_write_timeout_seconds: int = 30
     cache_salt_secret: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
 
 
@@ -123,6 +127,8 @@ class _Reader:
         self._known(data, SECTIONS, "the file")
         model = self.table(data, "model", {"path"})
         server = self.table(data, "server", {"host", "port", "max_body_bytes",
+                                             "shutdown_grace_seconds",
+                                             "stream_write_timeout_seconds",
                                              "cache_salt_secret"})
         engine = self.table(data, "engine", {"dtype", "max_loras", "max_lora_rank",
                                              "max_cpu_loras", "compile", "extra_args",
@@ -149,6 +155,11 @@ class _Reader:
             port=self.integer(table, "server", "port", defaults.port, maximum=65535),
             max_body_bytes=self.integer(table, "server", "max_body_bytes",
                                         defaults.max_body_bytes),
+            shutdown_grace_seconds=self.integer(table, "server", "shutdown_grace_seconds",
+                                                defaults.shutdown_grace_seconds, minimum=0),
+            stream_write_timeout_seconds=self.integer(
+                table, "server", "stream_write_timeout_seconds",
+                defaults.stream_write_timeout_seconds),
             cache_salt_secret=(self.secret(secret, "server.cache_salt_secret") if secret
                                else defaults.cache_salt_secret),
         )

@@ -2,7 +2,9 @@
 
 OpenAI clients (the `openai` SDK among them) pick their exception class from the status
 code and read `error.message` / `error.code` from the body, so every error the gateway
-answers, on `/v1` and elsewhere, is `{"error": {"message", "type", "param", "code"}}`.
+answers, on `/v1` and elsewhere, is `{"error": {"message", "type", "param", "code"}}`: `type`
+one of OpenAI's (`ERROR_TYPES`), `code` a string or null, `param` the request field at fault
+where one is known.
 """
 
 from __future__ import annotations
@@ -10,6 +12,17 @@ from __future__ import annotations
 from starlette.responses import JSONResponse
 
 from adapters.errors import DoraGatewayError
+
+ERROR_TYPES = ("invalid_request_error", "authentication_error", "permission_error",
+               "not_found_error", "rate_limit_error", "server_error")
+
+
+def error_type_for(status: int) -> str:
+    """OpenAI's error `type` for an HTTP status (404 is an invalid request, as OpenAI says)."""
+    if status >= 500:
+        return "server_error"
+    return {401: "authentication_error", 403: "permission_error",
+            429: "rate_limit_error"}.get(status, "invalid_request_error")
 
 
 class GatewayError(DoraGatewayError):
@@ -100,10 +113,8 @@ class BodyTooLarge(InvalidRequest):
 
 
 class RateLimited(GatewayError):
-    """Mirrors OpenAI's own 429 body (type "requests", code "rate_limit_exceeded")."""
-
     status = 429
-    error_type = "requests"
+    error_type = "rate_limit_error"
     code = "rate_limit_exceeded"
 
     def __init__(self, message: str) -> None:
@@ -128,6 +139,16 @@ class BackendUnavailable(GatewayError):
 
     def __init__(self, message: str = "No model backend is available; retry shortly") -> None:
         super().__init__(message, headers={"Retry-After": "1"})
+
+
+class ShuttingDown(BackendUnavailable):
+    """A request that arrived after the gateway began to stop: another replica, or this one
+    once it is back, can serve it."""
+
+    code = "shutting_down"
+
+    def __init__(self) -> None:
+        super().__init__("The gateway is shutting down; retry shortly")
 
 
 class BackendUnreachable(BackendUnavailable):

@@ -21,6 +21,7 @@ from adapters.base_checkpoint import BaseCheckpoint
 from adapters.store import CompiledStore
 from gateway.app import create_app
 from gateway.config import GatewayConfig
+from gateway.draining_server import DrainingServer
 from gateway.engine.limits import EngineLimits
 from gateway.engine.process import EngineProcess, EngineSettings
 from gateway.engine.supervisor import EngineSupervisor
@@ -67,8 +68,9 @@ async def _serve(config: GatewayConfig, base: BaseCheckpoint, backend_urls: Sequ
         if local is not None:
             supervisor = EngineSupervisor(local, pool, registry, eager=config.adapters.eager)
             supervising = asyncio.create_task(supervisor.run())
-        server = uvicorn.Server(uvicorn.Config(app, host=config.server.host,
-                                               port=config.server.port))
+        server = DrainingServer(uvicorn.Config(app, host=config.server.host,
+                                               port=config.server.port),
+                                app.state.shutdown_gate, config.server.shutdown_grace_seconds)
         await server.serve()
     finally:
         if supervising is not None:

@@ -72,6 +72,10 @@ class FakeVllm:
     stream_error: Exception | None = None
     hang_streams: bool = False
     hang_completions: bool = False
+    # (status, JSON body) every completion gets instead of a generation: vLLM refusing it.
+    refusal: tuple[int, object] | None = None
+    # An event a stream carries after its first chunk, then `[DONE]`: vLLM failing mid-stream.
+    stream_event: dict | None = None
     cancelled: int = 0
     load_error: str | None = None
     dies_on_load: bool = False
@@ -124,6 +128,8 @@ class FakeVllm:
         return httpx.Response(200, text="Success")
 
     def _complete(self, path: str, body: dict, request_id: str) -> httpx.Response:
+        if self.refusal is not None:
+            return httpx.Response(self.refusal[0], json=self.refusal[1])
         model = body["model"]
         if model != "base" and model not in self.loaded:
             return _vllm_error(404, f"The model `{model}` does not exist.")
@@ -133,6 +139,9 @@ class FakeVllm:
             chunks = _sse_chunks(response_id, model, _wants_usage(body))
             if self.stream_error or self.hang_streams:
                 chunks = chunks[:-1]
+            if self.stream_event is not None:
+                event = b"data: " + json.dumps(self.stream_event).encode() + b"\n\n"
+                chunks = [chunks[0].partition(b"\n\n")[0] + b"\n\n", event, chunks[-1]]
             stream = FakeStream(chunks, error=self.stream_error, hang=self.hang_streams)
             self.streams.append(stream)
             return httpx.Response(200, headers={"content-type": "text/event-stream"},

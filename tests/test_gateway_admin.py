@@ -119,13 +119,16 @@ async def test_a_failed_add_leaves_everything_as_it_was(gateway):
     assert gateway.vllm.requests == []
 
 
-@pytest.mark.parametrize("content", [b'{"name": "x"}', b'{"name": "x", "path": "p", "y": 1}',
-                                     b'{"name": 1, "path": "caps"}', b"[]", b"{oops"])
-async def test_add_validation_errors_are_400_in_openai_shape(gateway, content):
+@pytest.mark.parametrize(("content", "code"), [
+    (b'{"name": "x"}', "invalid_request"),
+    (b'{"name": "x", "path": "p", "y": 1}', "invalid_request"),
+    (b'{"name": 1, "path": "caps"}', "invalid_request"), (b"[]", "invalid_request"),
+    (b"{oops", "invalid_json")])
+async def test_add_validation_errors_are_400_in_openai_shape(gateway, content, code):
     async with gateway.client(ADMIN_KEY) as client:
         response = await client.post(ADAPTERS, content=content,
                                      headers={"Content-Type": "application/json"})
-    error = assert_error(response, 400, "invalid_request")
+    error = assert_error(response, 400, code)
     assert set(error) == {"message", "type", "param", "code"}
 
 

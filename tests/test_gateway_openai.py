@@ -183,7 +183,7 @@ async def test_over_the_concurrency_limit_is_429_with_retry_after(gateway, vllm)
                for _ in range(2)]
     await wait_until(lambda: len(vllm.streams) == 2)
     refused = await chat(gateway, model="base")
-    error = assert_openai_error(refused, 429, "requests", "rate_limit_exceeded")
+    error = assert_openai_error(refused, 429, "rate_limit_error", "rate_limit_exceeded")
     assert "limit 2" in error["message"]
     assert refused.headers["retry-after"] == "1"
     assert (await chat(gateway, GLOBEX_KEY, model="base")).status_code == 200

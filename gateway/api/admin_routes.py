@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from gateway.api.json_body import json_body
 from gateway.api.uploads import MAX_PARTS, store_upload, upload_parts
 from gateway.errors import Conflict
 from gateway.registry import AdapterEntry, AdapterRegistry, check_name
@@ -62,7 +63,7 @@ def admin_router(access: Access, registry: AdapterRegistry, pool: BackendPool,
     async def add_adapter(request: Request) -> JSONResponse:
         access.admin(request)
         try:
-            spec = AddAdapter.model_validate_json(await request.body())
+            spec = AddAdapter.model_validate(json_body(request))
         except ValidationError as exc:
             raise RequestValidationError(exc.errors(include_url=False)) from exc
         entry = await registry.add(spec.name, spec.path, load_on=load_on())

@@ -1,10 +1,13 @@
 """Every error the app answers, in OpenAI's shape: ours, routing, validation and crashes.
 
 Without these, FastAPI would answer unknown routes and validation errors in its own shape
-(`{"detail": ...}`, 422), which OpenAI clients cannot read.
+(`{"detail": ...}`, 422), which OpenAI clients cannot read. A 5xx is the gateway's fault or
+the engine's, never the client's: each one is logged with the request's id.
 """
 
 from __future__ import annotations
+
+import logging
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -12,6 +15,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from gateway.api.json_body import body_problem
+from gateway.api.request_ids import request_id
 from gateway.errors import (
     GatewayError,
     InvalidRequest,
@@ -19,7 +24,10 @@ from gateway.errors import (
     NotFound,
     error_body,
     error_response,
+    error_type_for,
 )
+
+log = logging.getLogger(__name__)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -30,6 +38,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 async def _gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
+    if exc.status >= 500:
+        log.warning("request %s answered %d %s: %s", request_id(request), exc.status,
+                    exc.code, exc.message)
     return error_response(exc)
 
 
@@ -42,7 +53,7 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
         error = MethodNotAllowed(f"Method {request.method} is not allowed for "
                                  f"{request.url.path}", headers=headers)
     else:
-        return JSONResponse(error_body(str(exc.detail), InvalidRequest.error_type),
+        return JSONResponse(error_body(str(exc.detail), error_type_for(exc.status_code)),
                             status_code=exc.status_code, headers=headers)
     return error_response(error)
 
@@ -56,7 +67,12 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 
 
 async def _crash(request: Request, exc: Exception) -> JSONResponse:
-    """The traceback is logged by Starlette, which re-raises after this answer."""
+    """A route that tripped over a body already found bad gets that 400; anything else is
+    our fault (Starlette also logs the traceback, and re-raises after this answer)."""
+    problem = body_problem(request)
+    if problem is not None:
+        return error_response(problem)
+    log.error("request %s failed: %r", request_id(request), exc)
     return JSONResponse(error_body("The gateway had an internal error", "server_error"),
                         status_code=500)
 

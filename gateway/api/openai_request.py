@@ -9,9 +9,11 @@ vLLM's usage; the proxy hides it from clients that did not ask).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
+from starlette.requests import Request
+
+from gateway.api.json_body import json_body
 from gateway.errors import InvalidRequest, ModelNotFound
 from gateway.names import BASE_MODEL
 from gateway.registry import AdapterEntry, AdapterRegistry
@@ -33,14 +35,10 @@ CHAT = Route("/v1/chat/completions", ("max_completion_tokens", "max_tokens"), Tr
 COMPLETIONS = Route("/v1/completions", ("max_tokens",), False)
 
 
-def parse_body(raw: bytes) -> dict:
-    """A JSON object with a string `model` and a boolean `stream`, if any; NaN and Infinity
-    are not JSON and are refused."""
-    try:
-        body = json.loads(raw, parse_constant=_refuse_constant)
-    except ValueError as exc:
-        raise InvalidRequest(f"We could not parse the JSON body of your request: {exc}",
-                             code="invalid_json") from exc
+def read_body(request: Request) -> dict:
+    """The request's JSON body (decoded within bounds by `json_body`): an object with a
+    string `model` and a boolean `stream`, if any."""
+    body = json_body(request)
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object", code="invalid_json")
     if not isinstance(body.get("model"), str) or not body["model"]:
@@ -104,7 +102,3 @@ def _optional_int(body: dict, field: str) -> int | None:
     if not isinstance(value, int) or isinstance(value, bool):
         raise InvalidRequest(f"'{field}' must be an integer", param=field, code="invalid_type")
     return value
-
-
-def _refuse_constant(name: str) -> None:
-    raise ValueError(f"{name} is not valid JSON")

@@ -7,19 +7,19 @@ from __future__ import annotations
 
 import functools
 import time
-import uuid
 
 from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from gateway.api import request_ids
 from gateway.api.openai_request import (
     CHAT,
     COMPLETIONS,
     Route,
     check_limits,
     client_wants_usage,
-    parse_body,
+    read_body,
     resolve_model,
     upstream_body,
 )
@@ -43,13 +43,13 @@ def openai_router(access: Access, registry: AdapterRegistry, pool: BackendPool,
 
     async def complete(request: Request, route: Route) -> Response:
         tenant = access.tenant(request)
-        body = parse_body(await request.body())
+        body = read_body(request)
         entry = resolve_model(registry, tenant, body["model"])
         meter = telemetry.meter(tenant.name, entry)
         with meter.failures():
             check_limits(body, tenant, route)
             lease = access.admit(tenant)
-        request_id = uuid.uuid4().hex
+        request_id = request_ids.request_id(request)
         model = entry.internal_name if entry else SERVED_BASE_MODEL
         forwarded = upstream_body(body, route, tenant, model=model,
                                   cache_salt=access.cache_salt(tenant), request_id=request_id)

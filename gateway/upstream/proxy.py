@@ -28,6 +28,7 @@ from gateway.errors import BackendError, BackendUnavailable, BackendUnreachable,
 from gateway.telemetry.latency import carries_generated_text
 from gateway.telemetry.meter import RequestMeter
 from gateway.tenancy.limits import Lease
+from gateway.upstream import engine_errors
 from gateway.upstream.pool import Backend, BackendPool
 
 CLIENT_CLOSED_REQUEST = 499
@@ -127,11 +128,11 @@ async def _disconnect(receive: Receive) -> None:
 
 
 def relay(upstream: httpx.Response, target: Target) -> Response:
-    """vLLM's answer with its status; `model` rewritten, errors scrubbed of internal names."""
+    """vLLM's answer with its status; `model` rewritten, errors in the gateway's dialect."""
+    if upstream.status_code >= 400:
+        return _relay_error(upstream, target)
     target.meter.upstream_finished()
     text = upstream.text
-    if upstream.status_code >= 400:
-        text = target.scrub(text)
     headers = {"X-Request-Id": target.request_id}
     try:
         data = json.loads(text)
@@ -147,6 +148,17 @@ def relay(upstream: httpx.Response, target: Target) -> Response:
         data["model"] = target.client_model
     return Response(_dumps(data), status_code=upstream.status_code, headers=headers,
                     media_type="application/json")
+
+
+def _relay_error(upstream: httpx.Response, target: Target) -> Response:
+    target.meter.upstream_finished()
+    status, body = engine_errors.translate(upstream.status_code, target.scrub(upstream.text))
+    target.meter.finish(status)
+    if status >= 500:
+        log.warning("request %s: the backend answered %d: %s", target.request_id,
+                    upstream.status_code, body["error"]["message"])
+    return Response(_dumps(body), status_code=status, media_type="application/json",
+                    headers={"X-Request-Id": target.request_id})
 
 
 class UpstreamStream(StreamingResponse):
@@ -221,10 +233,12 @@ def _rewrite_chunk(payload: str, target: Target) -> str | None:
         if not chunk.get("choices"):
             return None
         del chunk["usage"]
+    if "error" in chunk:
+        return "data: " + _dumps(engine_errors.translate_event(
+            json.loads(target.scrub(payload))["error"]))
     if "model" in chunk:
         chunk["model"] = target.client_model
-    text = _dumps(chunk)
-    return "data: " + (target.scrub(text) if "error" in chunk else text)
+    return "data: " + _dumps(chunk)
 
 
 def _meter_chunk(chunk: dict, meter: RequestMeter) -> None:
