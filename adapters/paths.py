@@ -20,6 +20,12 @@ def compiled_store_dir() -> Path:
     return home() / "compiled"
 
 
+def uploads_dir() -> Path:
+    """Uploaded adapters, by content hash: beside the compiled store, on the same (shared)
+    volume."""
+    return home() / "uploads"
+
+
 def demo_adapters_dir() -> Path:
     """The committed demo adapters, one PEFT directory each."""
     return Path(__file__).resolve().parent / "demo"

@@ -25,6 +25,7 @@ from gateway.api.shutdown_gate import ShutdownGate, ShutdownGateMiddleware
 from gateway.api.slow_clients import WriteTimeoutMiddleware
 from gateway.config import GatewayConfig
 from gateway.registry import AdapterRegistry
+from gateway.registry.sync import follow
 from gateway.telemetry.hub import Telemetry
 from gateway.tenancy.access import Access
 from gateway.upstream.health_checks import load_eagerly, watch
@@ -41,10 +42,12 @@ def create_app(config: GatewayConfig, registry: AdapterRegistry, backends: Backe
         if eager:
             await load_eagerly(registry, backends.healthy())
         watcher = asyncio.create_task(watch(backends, registry, eager=eager))
+        following = asyncio.create_task(follow(registry))
         try:
             yield
         finally:
             watcher.cancel()
+            following.cancel()
 
     app = FastAPI(title="dora-gateway", docs_url=None, redoc_url=None, openapi_url=None,
                   lifespan=lifespan)
@@ -55,8 +58,7 @@ def create_app(config: GatewayConfig, registry: AdapterRegistry, backends: Backe
     telemetry.watch(access.in_flight, backends.health, registry.entries)
     registry.add_observer(telemetry)
     app.include_router(openai_router(access, registry, backends, telemetry))
-    app.include_router(admin_router(access, registry, backends, config.adapters.dir,
-                                    eager=eager))
+    app.include_router(admin_router(access, registry, backends, eager=eager))
     app.include_router(health_router(backends))
     app.include_router(observability_router(access, telemetry))
     install_error_handlers(app)

@@ -24,8 +24,10 @@ from gateway.names import NAME_PATTERN, valid_name
 from gateway.tenancy.keys import parse_key, parse_secret
 from gateway.tenancy.tenants import ALL_ADAPTERS, Tenant
 
-SECTIONS = {"model", "server", "engine", "adapters", "admin", "metrics", "tenants"}
+SECTIONS = {"model", "server", "engine", "adapters", "registry", "admin", "metrics",
+            "tenants"}
 METRICS_ACCESS = ("local", "key", "open")
+REGISTRY_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg", "postgres")
 DTYPES = {"auto", "half", "float16", "bfloat16", "float", "float32"}
 # vLLM 0.32's --max-lora-rank choices: any other value makes vLLM exit at start.
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -78,6 +80,18 @@ class AdaptersConfig:
 
 
 @dataclass(frozen=True)
+class RegistryConfig:
+    """`[registry]`: the durable registry's database. SQLite (the default, one file under
+    `$DORA_GATEWAY_HOME`) for one gateway; PostgreSQL for replicas that share it."""
+
+    url: str = field(repr=False)
+
+
+def default_registry_url() -> str:
+    return f"sqlite:///{paths.home() / 'registry.sqlite3'}"
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     """Who may read `/metrics` and `/dashboard`: "local" lets loopback clients in without a
     key, "key" asks everyone for a metrics (or admin) key, "open" asks no one."""
@@ -97,6 +111,8 @@ class GatewayConfig:
     admin_key_digests: tuple[bytes, ...] = field(repr=False)
     tenants: tuple[Tenant, ...]
     metrics: MetricsConfig = MetricsConfig()
+    registry: RegistryConfig = field(default_factory=lambda: RegistryConfig(
+        default_registry_url()))
 
 
 def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> GatewayConfig:
@@ -134,6 +150,7 @@ class _Reader:
                                              "max_cpu_loras", "compile", "extra_args",
                                              "backends"})
         adapters = self.table(data, "adapters", {"dir", "roots", "eager", "max_upload_bytes"})
+        registry = self.table(data, "registry", {"url"})
         admin = self.table(data, "admin", {"api_keys"})
         metrics = self.table(data, "metrics", {"access", "api_keys", "window_seconds"})
         return GatewayConfig(
@@ -145,6 +162,7 @@ class _Reader:
             admin_key_digests=self.keys(admin, "admin", "admin", required=False),
             tenants=self.tenants(data.get("tenants", {})),
             metrics=self.metrics(metrics),
+            registry=self.registry(registry),
         )
 
     def server(self, table: dict) -> ServerConfig:
@@ -201,6 +219,24 @@ class _Reader:
             max_upload_bytes=self.integer(table, "adapters", "max_upload_bytes",
                                           AdaptersConfig.max_upload_bytes),
         )
+
+    def registry(self, table: dict) -> RegistryConfig:
+        """`url`: plain or `env:VAR`; a relative SQLite path is relative to the file."""
+        spec = self.value(table, "registry", "url", str, None)
+        if not spec:
+            return RegistryConfig(default_registry_url())
+        url, problem = parse_secret(spec, self.environ)
+        scheme, separator, rest = url.partition("://")
+        if problem:
+            self.problems.append(f"registry.url: {problem}")
+        elif not separator or scheme not in REGISTRY_SCHEMES:
+            self.problems.append("registry.url: must be sqlite:///PATH or "
+                                 "postgresql://USER:PASSWORD@HOST/DATABASE")
+        elif scheme == "sqlite" and rest.startswith("/") and rest != "/":
+            url = f"sqlite:///{self.resolve(rest[1:])}"
+        elif scheme == "sqlite":
+            self.problems.append("registry.url: a SQLite url needs a file: sqlite:///PATH")
+        return RegistryConfig(url)
 
     def metrics(self, table: dict) -> MetricsConfig:
         defaults = MetricsConfig()

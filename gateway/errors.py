@@ -141,6 +141,18 @@ class BackendUnavailable(GatewayError):
         super().__init__(message, headers={"Retry-After": "1"})
 
 
+class RegistryUnavailable(GatewayError):
+    """The adapter registry's database cannot be reached: admin changes wait for it, while
+    the adapters already known keep being served."""
+
+    status = 503
+    code = "registry_unavailable"
+
+    def __init__(self, message: str = "The adapter registry is unavailable; retry shortly",
+                 ) -> None:
+        super().__init__(message, headers={"Retry-After": "1"})
+
+
 class ShuttingDown(BackendUnavailable):
     """A request that arrived after the gateway began to stop: another replica, or this one
     once it is back, can serve it."""

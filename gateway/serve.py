@@ -1,10 +1,11 @@
 """`dora-gateway serve`: build the gateway from its config file and run it with uvicorn.
 
-Everything is checked before the port opens: the config, the base model and the listen port
-(before vLLM starts), and every adapter in the adapters directory (validated, admitted for the
-engines and compiled), so a bad deployment fails at start with the reason and its fix, not on
-a user's first request. With no `[engine] backends`, one vLLM server is started on loopback
-for the gateway's lifetime and restarted whenever it dies.
+Everything is checked before the port opens: the config, the base model, the listen port and
+the registry's database (before vLLM starts), and every adapter the adapters directory adds to
+the registry (validated, admitted for the engines and compiled), so a bad deployment fails at
+start with the reason and its fix, not on a user's first request. With no `[engine]
+backends`, one vLLM server is started on loopback for the gateway's lifetime and restarted
+whenever it dies.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from gateway.draining_server import DrainingServer
 from gateway.engine.limits import EngineLimits
 from gateway.engine.process import EngineProcess, EngineSettings
 from gateway.engine.supervisor import EngineSupervisor
-from gateway.registry import AdapterRegistry
+from gateway.registry import AdapterRegistry, RegistryDatabase
 from gateway.startup_checks import check_port_free, checked_base_model
 from gateway.upstream.pool import BackendPool
 
@@ -35,12 +36,16 @@ log = logging.getLogger(__name__)
 def serve(config: GatewayConfig) -> None:
     base = checked_base_model(config)
     check_port_free(config.server.host, config.server.port)
-    if config.engine.backends:
-        asyncio.run(_serve(config, base, config.engine.backends))
-        return
-    with local_engine(config) as engine:
-        log.info("started vLLM at %s (log: %s)", engine.base_url, engine.log_path)
-        asyncio.run(_serve(config, base, [engine.base_url], local=engine))
+    database = RegistryDatabase.open(config.registry.url)
+    try:
+        if config.engine.backends:
+            asyncio.run(_serve(config, base, database, config.engine.backends))
+            return
+        with local_engine(config) as engine:
+            log.info("started vLLM at %s (log: %s)", engine.base_url, engine.log_path)
+            asyncio.run(_serve(config, base, database, [engine.base_url], local=engine))
+    finally:
+        database.close()
 
 
 def local_engine(config: GatewayConfig) -> EngineProcess:
@@ -53,15 +58,15 @@ def local_engine(config: GatewayConfig) -> EngineProcess:
     return EngineProcess(settings, log_path=paths.home() / "logs" / "vllm-gateway.log")
 
 
-async def _serve(config: GatewayConfig, base: BaseCheckpoint, backend_urls: Sequence[str],
-                 local: EngineProcess | None = None) -> None:
+async def _serve(config: GatewayConfig, base: BaseCheckpoint, database: RegistryDatabase,
+                 backend_urls: Sequence[str], local: EngineProcess | None = None) -> None:
     """Run until uvicorn stops; `local` is the local engine, which this gateway keeps
     running."""
     pool = BackendPool(backend_urls)
     supervising: asyncio.Task | None = None
     try:
         registry = AdapterRegistry(base, CompiledStore(paths.compiled_store_dir()),
-                                   config.adapters.roots, pool,
+                                   config.adapters.roots, pool, database,
                                    EngineLimits.from_config(config.engine))
         await registry.add_directory(config.adapters.dir)
         app = create_app(config, registry, pool)

@@ -22,7 +22,7 @@ from adapters.store import CompiledStore
 from gateway.app import create_app
 from gateway.config import GatewayConfig, load_config
 from gateway.engine.limits import EngineLimits
-from gateway.registry import AdapterRegistry
+from gateway.registry import AdapterRegistry, RegistryDatabase
 from gateway.upstream.pool import BackendPool
 from tests.factories import LLAMA_TARGETS, random_adapter
 
@@ -255,6 +255,11 @@ class Gateway:
         return httpx.AsyncClient(transport=transport, base_url="http://gateway", headers=headers)
 
 
+def sqlite_registry(directory: Path) -> RegistryDatabase:
+    """A durable registry of its own, in `directory`."""
+    return RegistryDatabase.open(f"sqlite:///{directory / 'registry.sqlite3'}")
+
+
 async def make_gateway(tmp_path: Path, base_dir: Path, demo_adapters: Path, store_dir: Path,
                        *vllms: FakeVllm, eager: bool = False, metrics: str = "",
                        engine: str = "") -> Gateway:
@@ -271,6 +276,8 @@ async def make_gateway(tmp_path: Path, base_dir: Path, demo_adapters: Path, stor
     pool = BackendPool(config.engine.backends,
                        httpx.AsyncClient(transport=fake_transport(*vllms)))
     registry = AdapterRegistry(BaseCheckpoint(base_dir), CompiledStore(store_dir),
-                               config.adapters.roots, pool, EngineLimits.from_config(config.engine))
+                               config.adapters.roots, pool, sqlite_registry(tmp_path),
+                               EngineLimits.from_config(config.engine),
+                               uploads=tmp_path / "uploads")
     await registry.add_directory(config.adapters.dir)
     return Gateway(create_app(config, registry, pool), config, registry, pool, vllms)

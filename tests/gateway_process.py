@@ -24,10 +24,16 @@ PROMPT = "The ocean is"
 
 
 def write_config(path: Path, *, model: Path, adapters_dir: Path, roots: list[Path],
-                 backends: list[str], max_lora_rank: int = 16) -> Path:
+                 backends: list[str], max_lora_rank: int = 16,
+                 registry_url: str | None = None) -> Path:
     """acme may use `caps` and `pirate`; globex may use every adapter, 16 requests at a time;
-    no `backends` makes the gateway start (and supervise) its own vLLM."""
-    path.write_text(f"""
+    no `backends` makes the gateway start (and supervise) its own vLLM. The registry is
+    `registry_url`, by default a SQLite file beside the config ("": no `[registry]` table, so
+    the gateway's own default under `$DORA_GATEWAY_HOME`)."""
+    if registry_url is None:
+        registry_url = f"sqlite:///{path.parent / 'registry.sqlite3'}"
+    registry = f'[registry]\nurl = "{registry_url}"' if registry_url else ""
+    path.write_text(f"""{registry}
 [model]
 path = "{model}"
 [engine]
@@ -57,14 +63,16 @@ class GatewayProcess:
     log_path: Path
 
     @classmethod
-    def start(cls, config: Path, log_path: Path, timeout_s: float = 600) -> GatewayProcess:
-        """Start it and wait until its `/health` says a backend is up."""
+    def start(cls, config: Path, log_path: Path, timeout_s: float = 600,
+              env: dict[str, str] | None = None) -> GatewayProcess:
+        """Start it (with `env` as its environment, if given) and wait until its `/health`
+        says a backend is up."""
         port = free_port()
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with log_path.open("ab") as log:
             process = subprocess.Popen(
                 [GATEWAY_CLI, "serve", "--config", str(config), "--port", str(port)],
-                stdout=log, stderr=subprocess.STDOUT)
+                stdout=log, stderr=subprocess.STDOUT, env=env)
         gateway = cls(process, f"http://127.0.0.1:{port}", log_path)
         try:
             gateway.wait_healthy(timeout_s)

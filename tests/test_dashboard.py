@@ -39,6 +39,7 @@ from tests.gateway_fakes import (
     GLOBEX_KEY,
     FakeVllm,
     fake_transport,
+    sqlite_registry,
     write_config,
 )
 
@@ -181,7 +182,8 @@ def live_gateway(tmp_path: Path, base_dir: Path, demo_adapters: Path, store_dir:
         pool = BackendPool(config.engine.backends,
                            httpx.AsyncClient(transport=fake_transport(vllm)))
         registry = AdapterRegistry(BaseCheckpoint(base_dir), CompiledStore(store_dir),
-                                   config.adapters.roots, pool)
+                                   config.adapters.roots, pool, sqlite_registry(tmp_path),
+                                   uploads=tmp_path / "uploads")
         await registry.add_directory(config.adapters.dir)
         return create_app(config, registry, pool)
 

@@ -65,7 +65,7 @@ async def test_admin_routes_need_an_admin_key(gateway, key, demo):
         assert response.status_code == 401
         assert response.json()["error"]["type"] == "authentication_error"
     assert names(gateway) == before
-    assert not (gateway.config.adapters.dir / "x").exists()
+    assert not gateway.registry.uploads.exists()
 
 
 async def test_list_shows_each_adapter_and_where_it_is_loaded(gateway):
@@ -138,17 +138,24 @@ async def test_add_a_taken_name_is_409(gateway):
     assert_error(response, 409, "adapter_exists")
 
 
-async def test_upload_stores_atomically_and_serves(gateway, demo):
+async def test_upload_stores_atomically_by_content_and_serves(gateway, demo):
     async with gateway.client(ADMIN_KEY) as client:
         response = await client.post(f"{ADAPTERS}/uploaded/upload",
                                      files=upload_files(demo / "pirate"))
+        again = await client.post(f"{ADAPTERS}/again/upload", files=upload_files(demo / "pirate"))
     assert response.status_code == 201, response.text
-    stored = gateway.config.adapters.dir / "uploaded"
+    assert again.status_code == 201, again.text
+    content_hash = gateway.registry.get("pirate").content_hash
+    assert response.json()["hash"] == content_hash
+    assert response.json()["origin"] == "upload"
+    assert response.json()["added_by"].startswith("admin:")
+    uploads = gateway.registry.uploads
+    stored = uploads / content_hash
+    assert response.json()["source"] == again.json()["source"] == str(stored)
     for name in FILES:
         assert (stored / name).read_bytes() == (demo / "pirate" / name).read_bytes()
     assert sorted(path.name for path in stored.iterdir()) == sorted(FILES)
-    assert not [path for path in stored.parent.iterdir() if path.name.startswith(".")]
-    assert response.json()["hash"] == gateway.registry.get("pirate").content_hash
+    assert [path.name for path in uploads.iterdir()] == [content_hash]
     assert (await chat(gateway, "uploaded")).json()["model"] == "uploaded"
 
 
@@ -164,8 +171,7 @@ async def test_uploads_of_anything_else_are_refused(gateway, demo, extra, drop, 
         response = await client.post(f"{ADAPTERS}/other/upload", files=files)
     assert message in assert_error(response, 400, "invalid_upload")["message"]
     assert "other" not in names(gateway)
-    assert sorted(path.name for path in gateway.config.adapters.dir.iterdir()) == [
-        "caps", "pirate", "plain"]
+    assert not gateway.registry.uploads.exists() or not list(gateway.registry.uploads.iterdir())
 
 
 async def test_an_invalid_upload_leaves_no_files(gateway, demo, tmp_path):
@@ -178,7 +184,7 @@ async def test_an_invalid_upload_leaves_no_files(gateway, demo, tmp_path):
         response = await client.post(f"{ADAPTERS}/bad/upload", files=upload_files(bad))
     error = assert_error(response, 400, "invalid_adapter")
     assert any("NaN or Inf" in problem for problem in error["problems"])
-    assert not (gateway.config.adapters.dir / "bad").exists()
+    assert list(gateway.registry.uploads.iterdir()) == []
     assert "bad" not in names(gateway) and gateway.vllm.requests == []
 
 
@@ -186,11 +192,8 @@ async def test_upload_name_rules(gateway, demo):
     async with gateway.client(ADMIN_KEY) as client:
         taken = await client.post(f"{ADAPTERS}/caps/upload", files=upload_files(demo / "caps"))
         invalid = await client.post(f"{ADAPTERS}/-x/upload", files=upload_files(demo / "caps"))
-        (gateway.config.adapters.dir / "stray").mkdir()
-        stray = await client.post(f"{ADAPTERS}/stray/upload", files=upload_files(demo / "caps"))
     assert_error(taken, 409, "adapter_exists")
     assert_error(invalid, 400, "invalid_adapter_name")
-    assert_error(stray, 409, "adapter_exists")
 
 
 async def test_delete_unloads_and_later_requests_404(gateway):

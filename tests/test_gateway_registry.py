@@ -27,11 +27,12 @@ from gateway.errors import (
 from gateway.registry import AdapterRegistry
 from gateway.upstream.pool import BackendPool
 from tests.factories import LLAMA_TARGETS, random_adapter
-from tests.gateway_fakes import fake_transport
+from tests.gateway_fakes import fake_transport, sqlite_registry
 
 pytestmark = pytest.mark.anyio
 LOAD = "/v1/load_lora_adapter"
 UNLOAD = "/v1/unload_lora_adapter"
+ADMIN = "admin:test"
 
 
 @pytest.fixture
@@ -41,7 +42,8 @@ def setup(llama_base, demo, store_dir, tmp_path, vllm):
     extra_root.mkdir()
     pool = BackendPool([vllm.url], httpx.AsyncClient(transport=fake_transport(vllm)))
     registry = AdapterRegistry(BaseCheckpoint(llama_base), CompiledStore(store_dir),
-                               [adapters_dir, extra_root], pool)
+                               [adapters_dir, extra_root], pool, sqlite_registry(tmp_path),
+                               uploads=tmp_path / "uploads")
     return registry, pool, adapters_dir, extra_root
 
 
@@ -63,8 +65,9 @@ async def test_directory_scan_compiles_every_adapter(setup, store_dir):
 async def test_add_from_another_root_and_relative_to_the_adapters_dir(setup):
     registry, _, adapters_dir, extra_root = setup
     shutil.copytree(adapters_dir / "pirate", extra_root / "pirate2")
-    assert (await registry.add("pirate2", extra_root / "pirate2")).is_dora
-    assert (await registry.add("caps", "caps")).source == (adapters_dir / "caps").resolve()
+    assert (await registry.add("pirate2", extra_root / "pirate2", added_by=ADMIN)).is_dora
+    caps = await registry.add("caps", "caps", added_by=ADMIN)
+    assert caps.source == (adapters_dir / "caps").resolve()
 
 
 @pytest.mark.parametrize("name", ["", "-caps", ".hidden", "a/b", "base", "caps\n", "x" * 65,
@@ -72,15 +75,15 @@ async def test_add_from_another_root_and_relative_to_the_adapters_dir(setup):
 async def test_invalid_names_are_refused(setup, name):
     registry, *_ = setup
     with pytest.raises(InvalidRequest, match="Invalid adapter name"):
-        await registry.add(name, "caps")
+        await registry.add(name, "caps", added_by=ADMIN)
     assert registry.entries() == []
 
 
 async def test_a_taken_name_is_refused(setup):
     registry, *_ = setup
-    first = await registry.add("caps", "caps")
+    first = await registry.add("caps", "caps", added_by=ADMIN)
     with pytest.raises(Conflict):
-        await registry.add("caps", "pirate")
+        await registry.add("caps", "pirate", added_by=ADMIN)
     assert registry.entries() == [first]
 
 
@@ -91,14 +94,14 @@ async def test_paths_outside_the_roots_are_refused_including_symlink_escapes(set
     for path in (outside, adapters_dir / "escape", adapters_dir / ".." / "outside", "../outside",
                  "/etc", "caps\0"):
         with pytest.raises(InvalidRequest) as caught:
-            await registry.add("sneaky", path)
+            await registry.add("sneaky", path, added_by=ADMIN)
         assert caught.value.code == "path_not_allowed"
     assert registry.entries() == []
 
 
 async def test_a_failed_add_changes_nothing(setup, vllm, store_dir):
     registry, _, adapters_dir, _ = setup
-    await registry.add("caps", "caps")
+    await registry.add("caps", "caps", added_by=ADMIN)
     broken = adapters_dir / "broken"
     shutil.copytree(adapters_dir / "pirate", broken)
     tensors = load_file(broken / "adapter_model.safetensors")
@@ -109,7 +112,7 @@ async def test_a_failed_add_changes_nothing(setup, vllm, store_dir):
     store_before = sorted(store_dir.iterdir())
 
     with pytest.raises(InvalidAdapter) as caught:
-        await registry.add("broken", broken)
+        await registry.add("broken", broken, added_by=ADMIN)
     assert caught.value.status == 400
     assert any("NaN" in problem for problem in caught.value.problems)
     assert [entry.name for entry in registry.entries()] == ["caps"]
@@ -122,14 +125,14 @@ async def test_an_adapter_for_another_model_lists_every_problem(setup, tmp_path,
     random_adapter(gpt2_base, adapters_dir / "gpt2", r=4, lora_alpha=8,
                    target_modules=["c_attn", "c_proj"], use_dora=True)
     with pytest.raises(InvalidAdapter) as caught:
-        await registry.add("gpt2", "gpt2")
+        await registry.add("gpt2", "gpt2", added_by=ADMIN)
     assert len(caught.value.problems) > 1
     assert registry.get("gpt2") is None
 
 
 async def test_lazy_load_happens_once_per_backend(setup, vllm):
     registry, pool, *_ = setup
-    caps = await registry.add("caps", "caps")
+    caps = await registry.add("caps", "caps", added_by=ADMIN)
     (backend,) = pool.backends
     await asyncio.gather(*(registry.ensure_loaded(caps, backend) for _ in range(5)))
     await registry.ensure_loaded(caps, backend)
@@ -140,7 +143,7 @@ async def test_lazy_load_happens_once_per_backend(setup, vllm):
 
 async def test_a_backend_that_went_down_is_forgotten_and_reloaded(setup, vllm):
     registry, pool, *_ = setup
-    caps = await registry.add("caps", "caps")
+    caps = await registry.add("caps", "caps", added_by=ADMIN)
     (backend,) = pool.backends
     await registry.ensure_loaded(caps, backend)
     pool.mark_down(backend)
@@ -153,7 +156,7 @@ async def test_a_backend_that_went_down_is_forgotten_and_reloaded(setup, vllm):
 
 async def test_forgetting_a_backend_that_kept_its_adapters_reloads_harmlessly(setup, vllm):
     registry, pool, *_ = setup
-    caps = await registry.add("caps", "caps")
+    caps = await registry.add("caps", "caps", added_by=ADMIN)
     (backend,) = pool.backends
     await registry.ensure_loaded(caps, backend)
     registry.forget_backend(backend.url)
@@ -164,7 +167,7 @@ async def test_forgetting_a_backend_that_kept_its_adapters_reloads_harmlessly(se
 
 async def test_a_load_a_healthy_backend_refuses_leaves_the_adapter_unservable(setup, vllm):
     registry, pool, *_ = setup
-    caps = await registry.add("caps", "caps")
+    caps = await registry.add("caps", "caps", added_by=ADMIN)
     vllm.load_error = "vLLM does not yet support DoRA."
     (backend,) = pool.backends
     for _ in range(2):
@@ -181,7 +184,7 @@ async def test_a_load_a_healthy_backend_refuses_leaves_the_adapter_unservable(se
 
 async def test_a_load_that_fails_because_the_backend_died_is_not_a_refusal(setup, vllm):
     registry, pool, *_ = setup
-    caps = await registry.add("caps", "caps")
+    caps = await registry.add("caps", "caps", added_by=ADMIN)
     vllm.dies_on_load = True
     with pytest.raises(BackendUnreachable):
         await registry.ensure_loaded(caps, pool.backends[0])
@@ -190,16 +193,16 @@ async def test_a_load_that_fails_because_the_backend_died_is_not_a_refusal(setup
 
 async def test_remove_unloads_and_then_the_name_is_gone(setup, vllm):
     registry, pool, *_ = setup
-    caps = await registry.add("caps", "caps")
-    plain = await registry.add("plain", "plain")
+    caps = await registry.add("caps", "caps", added_by=ADMIN)
+    await registry.add("plain", "plain", added_by=ADMIN)
     await registry.ensure_loaded(caps, pool.backends[0])
-    assert await registry.remove("caps") == caps
-    assert await registry.remove("plain") == plain
+    await registry.remove("caps", removed_by=ADMIN)
+    await registry.remove("plain", removed_by=ADMIN)
     assert vllm.received(UNLOAD) == [{"lora_name": caps.internal_name}]
     assert vllm.loaded == {}
     assert registry.get("caps") is None and registry.entries() == []
     with pytest.raises(NotFound):
-        await registry.remove("caps")
+        await registry.remove("caps", removed_by=ADMIN)
     with pytest.raises(ModelNotFound):
         await registry.ensure_loaded(caps, pool.backends[0])
     assert len(vllm.received(LOAD)) == 1
@@ -207,11 +210,11 @@ async def test_remove_unloads_and_then_the_name_is_gone(setup, vllm):
 
 async def test_a_replaced_adapter_gets_a_new_internal_name(setup, llama_base):
     registry, _, adapters_dir, _ = setup
-    first = await registry.add("caps", "caps")
-    await registry.remove("caps")
+    first = await registry.add("caps", "caps", added_by=ADMIN)
+    await registry.remove("caps", removed_by=ADMIN)
     random_adapter(llama_base, adapters_dir / "caps-v2", seed=42, r=4, lora_alpha=8,
                    target_modules=LLAMA_TARGETS, use_dora=True)
-    second = await registry.add("caps", "caps-v2")
+    second = await registry.add("caps", "caps-v2", added_by=ADMIN)
     assert second.internal_name != first.internal_name
     assert second.internal_name.startswith("caps--")
 

@@ -7,7 +7,6 @@ nothing about the API beyond a 401.
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 from fastapi import APIRouter
 from fastapi.exceptions import RequestValidationError
@@ -17,8 +16,8 @@ from starlette.responses import JSONResponse, Response
 
 from gateway.api.json_body import json_body
 from gateway.api.uploads import MAX_PARTS, store_upload, upload_parts
-from gateway.errors import Conflict
-from gateway.registry import AdapterEntry, AdapterRegistry, check_name
+from gateway.errors import Conflict, InvalidAdapter
+from gateway.registry import AdapterEntry, AdapterRegistry, Origin, check_name
 from gateway.tenancy.access import Access
 from gateway.upstream.pool import Backend, BackendPool
 
@@ -36,8 +35,8 @@ class AddAdapter(BaseModel):
     path: str
 
 
-def admin_router(access: Access, registry: AdapterRegistry, pool: BackendPool,
-                 adapters_dir: Path, *, eager: bool) -> APIRouter:
+def admin_router(access: Access, registry: AdapterRegistry, pool: BackendPool, *,
+                 eager: bool) -> APIRouter:
     router = APIRouter()
 
     def load_on() -> list[Backend]:
@@ -49,6 +48,7 @@ def admin_router(access: Access, registry: AdapterRegistry, pool: BackendPool,
         return {"name": entry.name, "is_dora": entry.is_dora, "hash": entry.content_hash,
                 "internal_name": entry.internal_name, "source": str(entry.source),
                 "compile_seconds": entry.compile_seconds, "created": entry.created,
+                "origin": entry.origin.value, "added_by": entry.added_by,
                 "loaded_backends": registry.loaded_on(entry), "servable": refusal is None,
                 "refused_by": refusal and {"backend": refusal.backend,
                                            "reason": refusal.reason}}
@@ -61,34 +61,37 @@ def admin_router(access: Access, registry: AdapterRegistry, pool: BackendPool,
 
     @router.post(ADAPTERS_PATH)
     async def add_adapter(request: Request) -> JSONResponse:
-        access.admin(request)
+        admin = access.admin(request)
         try:
             spec = AddAdapter.model_validate(json_body(request))
         except ValidationError as exc:
             raise RequestValidationError(exc.errors(include_url=False)) from exc
-        entry = await registry.add(spec.name, spec.path, load_on=load_on())
+        entry = await registry.add(spec.name, spec.path, added_by=admin, load_on=load_on())
         return JSONResponse(describe(entry), status_code=201)
 
     @router.post(ADAPTERS_PATH + "/{name}/upload")
     async def upload_adapter(name: str, request: Request) -> JSONResponse:
-        access.admin(request)
+        """The files are stored before the adapter is registered: other gateways and the
+        backends never see a registered adapter whose files are incomplete."""
+        admin = access.admin(request)
         check_name(name)
-        if registry.get(name) is not None:
+        if await registry.is_taken(name):
             raise Conflict(f"An adapter named '{name}' already exists", code="adapter_exists")
         async with request.form(max_files=MAX_PARTS, max_fields=MAX_PARTS) as form:
-            target = adapters_dir / name
-            await store_upload(upload_parts(form), target)
+            stored = await store_upload(upload_parts(form), registry.uploads)
         try:
-            entry = await registry.add(name, target, load_on=load_on())
-        except BaseException:
-            shutil.rmtree(target, ignore_errors=True)
+            entry = await registry.add(name, stored.path, added_by=admin, origin=Origin.UPLOAD,
+                                       load_on=load_on())
+        except InvalidAdapter:
+            if stored.created:  # files no one can register: nothing else refers to them
+                shutil.rmtree(stored.path, ignore_errors=True)
             raise
         return JSONResponse(describe(entry), status_code=201)
 
     @router.delete(ADAPTERS_PATH + "/{name}")
     async def remove_adapter(name: str, request: Request) -> Response:
-        access.admin(request)
-        await registry.remove(name)
+        admin = access.admin(request)
+        await registry.remove(name, removed_by=admin)
         return Response(status_code=204)
 
     return router

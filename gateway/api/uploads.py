@@ -1,8 +1,10 @@
-"""Storing an uploaded adapter under the adapters directory, all at once or not at all.
+"""Storing an uploaded adapter in the shared uploads store, all at once or not at all.
 
-The files land in a hidden temporary directory beside the target (same filesystem) and are
-renamed into place, so neither a crash nor the directory scan at start-up ever sees half an
-adapter. Only the two PEFT files are accepted: no pickles, no code, no paths.
+The files land in a hidden temporary directory inside the store (same filesystem), are
+flushed to disk, and the directory is renamed to the adapter's content hash: every gateway
+and backend that mounts the store sees either nothing or the whole adapter, and the same
+files uploaded twice are stored once. Only the two PEFT files are accepted: no pickles, no
+code, no paths.
 """
 
 from __future__ import annotations
@@ -11,17 +13,27 @@ import asyncio
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from starlette.datastructures import FormData, UploadFile
 
+from adapters.compile import adapter_content_hash
 from adapters.peft_adapter import CONFIG_FILE, WEIGHTS_FILE
-from gateway.errors import Conflict, InvalidRequest
+from gateway.errors import InvalidRequest
 
 UPLOAD_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 # Parsing stops past this many parts; below it, every unexpected part is named in the error.
 MAX_PARTS = 8
+
+
+@dataclass(frozen=True)
+class StoredUpload:
+    """`created`: this upload put the directory there (it was not stored before)."""
+
+    path: Path
+    created: bool
 
 
 def upload_parts(form: FormData) -> dict[str, UploadFile]:
@@ -41,19 +53,14 @@ def upload_parts(form: FormData) -> dict[str, UploadFile]:
     return parts
 
 
-async def store_upload(parts: dict[str, UploadFile], target: Path) -> None:
-    """Write the files as the directory `target`, which must not exist yet."""
-    if target.exists():
-        raise _exists(target)
-    staging = Path(tempfile.mkdtemp(prefix=".upload-", dir=target.parent))
+async def store_upload(parts: dict[str, UploadFile], store: Path) -> StoredUpload:
+    """Write the files as `store/<content hash>`."""
+    store.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".upload-", dir=store))
     try:
         for name, upload in parts.items():
             await asyncio.to_thread(_copy, upload.file, staging / name)
-        os.chmod(staging, 0o755)
-        try:
-            os.rename(staging, target)
-        except OSError as exc:
-            raise _exists(target) from exc
+        return await asyncio.to_thread(_publish, staging, store)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -62,8 +69,19 @@ def _copy(source: BinaryIO, destination: Path) -> None:
     source.seek(0)
     with destination.open("wb") as handle:
         shutil.copyfileobj(source, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
-def _exists(target: Path) -> Conflict:
-    return Conflict(f"The adapters directory already has '{target.name}'; remove it there or "
-                    f"choose another name", code="adapter_exists")
+def _publish(staging: Path, store: Path) -> StoredUpload:
+    """Rename the finished directory to its content hash; an identical one already there is
+    kept."""
+    target = store / adapter_content_hash(staging)
+    os.chmod(staging, 0o755)
+    try:
+        os.rename(staging, target)
+    except OSError:
+        if not (target / CONFIG_FILE).is_file():
+            raise
+        return StoredUpload(target, created=False)
+    return StoredUpload(target, created=True)
