@@ -237,3 +237,32 @@ def test_the_local_engine_compiles_by_default_and_keeps_32_adapters_loaded(tmp_p
                                                    "max_cpu_loras = 8\n"), {}).engine
     assert engine.compile is False and engine.max_cpu_loras == 8
     assert "engine.compile" in problems(tmp_path, MINIMAL + '[engine]\ncompile = "yes"\n')
+
+
+def test_the_registry_defaults_to_sqlite_under_the_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("DORA_GATEWAY_HOME", str(tmp_path / "home"))
+    config = load_config(write(tmp_path, MINIMAL), {})
+    assert config.registry.url == f"sqlite:///{tmp_path / 'home' / 'registry.sqlite3'}"
+    assert "sqlite" not in repr(config.registry)
+
+
+@pytest.mark.parametrize(("url", "expected"), [
+    ("sqlite:///registry.db", "sqlite:///{tmp}/registry.db"),
+    ("sqlite:////var/lib/registry.db", "sqlite:////var/lib/registry.db"),
+    ("postgresql://dora:pw@db:5432/dora", "postgresql://dora:pw@db:5432/dora"),
+    ("env:REGISTRY_URL", "postgresql://dora:from-env@db/dora"),
+])
+def test_registry_url_spellings(tmp_path, url, expected):
+    environ = {"REGISTRY_URL": "postgresql://dora:from-env@db/dora"}
+    config = load_config(write(tmp_path, MINIMAL + f'[registry]\nurl = "{url}"\n'), environ)
+    assert config.registry.url == expected.format(tmp=tmp_path)
+
+
+@pytest.mark.parametrize(("url", "message"), [
+    ("mysql://db/dora", "registry.url: must be sqlite:///PATH or postgresql://"),
+    ("db.example.com", "registry.url: must be sqlite:///PATH or postgresql://"),
+    ("sqlite://", "registry.url: a SQLite url needs a file"),
+    ("env:NOT_SET", "registry.url: environment variable 'NOT_SET' is not set or empty"),
+])
+def test_bad_registry_urls_are_reported(tmp_path, url, message):
+    assert message in problems(tmp_path, MINIMAL + f'[registry]\nurl = "{url}"\n')
