@@ -123,7 +123,13 @@ def _plain_promql(expr: str) -> str:
 def test_compose_wires_the_services_prometheus_scrapes():
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
     services = compose["services"]
-    assert set(services) == {"vllm", "gateway", "prometheus", "grafana"}
+    assert set(services) == {"vllm", "gateway", "postgres", "prometheus", "grafana"}
+    assert services["gateway"]["deploy"]["replicas"] == 2
+    assert services["gateway"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    registry_url = services["gateway"]["environment"]["DORA_GATEWAY_REGISTRY_URL"]
+    postgres = services["postgres"]["environment"]
+    assert registry_url.startswith(f"postgresql://{postgres['POSTGRES_USER']}:")
+    assert registry_url.endswith(f"@postgres:5432/{postgres['POSTGRES_DB']}")
     vllm_args = services["vllm"]["command"]
     assert {"--enable-lora", "--served-model-name=base", "--port=8000"} <= set(vllm_args)
     assert services["vllm"]["environment"]["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
@@ -153,13 +159,15 @@ def test_kubernetes_manifests_are_complete_and_refer_to_each_other():
         by_kind.setdefault(doc["kind"], {})[doc["metadata"]["name"]] = doc
     assert {"Deployment", "Service", "ConfigMap", "PersistentVolumeClaim"} <= set(by_kind)
     templates = [deployment["spec"]["template"] for deployment in by_kind["Deployment"].values()]
+    workloads = [*templates, *(statefulset["spec"]["template"]
+                               for statefulset in by_kind.get("StatefulSet", {}).values())]
     for deployment in by_kind["Deployment"].values():
         selector = deployment["spec"]["selector"]["matchLabels"]
         labels = deployment["spec"]["template"]["metadata"]["labels"]
         assert selector.items() <= labels.items(), deployment["metadata"]["name"]
     for name, service in by_kind["Service"].items():
         assert any(service["spec"]["selector"].items() <= template["metadata"]["labels"].items()
-                   for template in templates), f"Service {name} selects no pods"
+                   for template in workloads), f"Service {name} selects no pods"
     for template in templates:
         assert template["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
         for volume in template["spec"]["volumes"]:
@@ -171,6 +179,9 @@ def test_kubernetes_manifests_are_complete_and_refer_to_each_other():
     vllm = by_kind["Deployment"]["dora-vllm"]["spec"]["template"]["spec"]["containers"][0]
     assert vllm["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert "--enable-lora" in vllm["args"]
+    gateway = by_kind["Deployment"]["dora-gateway"]["spec"]
+    assert gateway["replicas"] == 2
+    assert "dora-postgres" in by_kind["StatefulSet"] and "dora-postgres" in by_kind["Service"]
 
 
 def env_keys(config_text: str) -> set[str]:
@@ -214,7 +225,10 @@ def test_shipped_gateway_configs_load(name, tmp_path):
         '"/opt/dora-gateway/', f'"{tmp_path}/opt/')
     config_file = tmp_path / "gateway.toml"
     config_file.write_text(text)
-    config = load_config(config_file, environ={var: f"key-for-{var}-0123456789" for var in needed})
+    environ = {var: f"key-for-{var}-0123456789" for var in needed}
+    if "DORA_GATEWAY_REGISTRY_URL" in environ:
+        environ["DORA_GATEWAY_REGISTRY_URL"] = "postgresql://dora:secret@postgres/dora_gateway"
+    config = load_config(config_file, environ=environ)
     assert config.server.host == "0.0.0.0"
     assert config.tenants
 
