@@ -2,7 +2,8 @@
 
 The fake records every request it gets (path, headers, JSON body), so tests assert on what
 the gateway forwards; it answers the way vLLM 0.32 does for the routes the gateway uses
-(`/health`, runtime LoRA load/unload, chat and text completions, SSE streams).
+(`/health`, runtime LoRA load/unload, chat and text completions, the Responses API, SSE
+streams).
 """
 
 from __future__ import annotations
@@ -100,9 +101,11 @@ class FakeVllm:
             if self.loaded.pop(body["lora_name"], None) is None:
                 return _vllm_error(404, f"The lora adapter '{body['lora_name']}' cannot be found.")
             return httpx.Response(200, text="Success")
-        if path in ("/v1/chat/completions", "/v1/completions"):
+        if path in ("/v1/chat/completions", "/v1/completions", "/v1/responses"):
             if self.hang_completions and not body.get("stream"):
                 await self._hang()
+            if path == "/v1/responses":
+                return self._respond(body, request.headers["x-request-id"])
             return self._complete(path, body, request.headers["x-request-id"])
         return _vllm_error(404, "Not Found")
 
@@ -155,6 +158,22 @@ class FakeVllm:
             "usage": USAGE})
 
 
+    def _respond(self, body: dict, request_id: str) -> httpx.Response:
+        """The Responses API: a response object, or its typed events ending with
+        `response.completed` (cut before it, as a backend dying mid-stream would)."""
+        model = body["model"]
+        if model != "base" and model not in self.loaded:
+            return _vllm_error(404, f"The model `{model}` does not exist.")
+        if not body.get("stream"):
+            return httpx.Response(200, json=_response_object(request_id, model, "completed"))
+        events = _response_events(request_id, model)
+        if self.stream_error:
+            events = events[:-1]
+        stream = FakeStream(events, error=self.stream_error)
+        self.streams.append(stream)
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, stream=stream)
+
+
 async def wait_until(condition: Callable[[], bool], timeout_s: float = 10) -> None:
     """Poll `condition` while the app runs in other tasks; fail rather than hang."""
     async with asyncio.timeout(timeout_s):
@@ -178,6 +197,29 @@ def _sse_chunks(response_id: str, model: str, usage: bool) -> list[bytes]:
     data = b"".join(b"data: " + json.dumps(event).encode() + b"\n\n" for event in events)
     middle = len(data) // 2
     return [data[:middle], data[middle:], b"data: [DONE]\n\n"]
+
+
+def _response_object(request_id: str, model: str, status: str) -> dict:
+    text = "".join(STREAM_TEXT)
+    message = {"type": "message", "id": "msg_1", "role": "assistant", "status": status,
+               "content": [{"type": "output_text", "text": text, "annotations": []}]}
+    return {"id": request_id, "object": "response", "created_at": 1, "model": model,
+            "status": status, "output": [message] if status == "completed" else [],
+            "usage": {"input_tokens": USAGE["prompt_tokens"],
+                      "output_tokens": USAGE["completion_tokens"],
+                      "total_tokens": USAGE["total_tokens"]} if status == "completed" else None}
+
+
+def _response_events(request_id: str, model: str) -> list[bytes]:
+    """vLLM-style Responses events: created, one text delta per token, completed."""
+    events = [{"type": "response.created",
+               "response": _response_object(request_id, model, "in_progress")}]
+    events += [{"type": "response.output_text.delta", "item_id": "msg_1", "output_index": 0,
+                "content_index": 0, "delta": text, "logprobs": []} for text in STREAM_TEXT]
+    events.append({"type": "response.completed",
+                   "response": _response_object(request_id, model, "completed")})
+    return [f"event: {event['type']}\ndata: {json.dumps(event | {'sequence_number': number})}"
+            f"\n\n".encode() for number, event in enumerate(events)]
 
 
 def _vllm_error(status: int, message: str) -> httpx.Response:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from starlette.requests import Request
 
 from gateway.api.json_body import json_body
+from gateway.api.responses_request import PINNED_FIELDS, check_responses_body
 from gateway.errors import InvalidRequest, ModelNotFound
 from gateway.names import BASE_MODEL
 from gateway.registry import AdapterEntry, AdapterRegistry
@@ -33,6 +34,8 @@ class Route:
 
 CHAT = Route("/v1/chat/completions", ("max_completion_tokens", "max_tokens"), True)
 COMPLETIONS = Route("/v1/completions", ("max_tokens",), False)
+# vLLM's Responses API has no default output cap either.
+RESPONSES = Route("/v1/responses", ("max_output_tokens",), True)
 
 
 def read_body(request: Request) -> dict:
@@ -71,14 +74,19 @@ def check_limits(body: dict, tenant: Tenant, route: Route) -> None:
     if n is not None and n > MAX_N:
         raise InvalidRequest(f"'n' is {n}, above the limit of {MAX_N}", param="n",
                              code="n_too_large")
+    if route is RESPONSES:
+        check_responses_body(body)
 
 
 def upstream_body(body: dict, route: Route, tenant: Tenant, *, model: str, cache_salt: str,
                   request_id: str) -> dict:
     forwarded = {key: value for key, value in body.items() if key not in GATEWAY_FIELDS}
     forwarded.update(model=model, cache_salt=cache_salt, request_id=request_id)
+    if route is RESPONSES:
+        forwarded.update(PINNED_FIELDS)
     options = body.get("stream_options")
-    if body.get("stream") is True and (options is None or isinstance(options, dict)):
+    if (route is not RESPONSES and body.get("stream") is True
+            and (options is None or isinstance(options, dict))):
         forwarded["stream_options"] = {**(options or {}), "include_usage": True}
     present = [field for field in route.token_fields if field in body]
     unbounded = all(body[field] is None for field in present) and (
@@ -88,11 +96,13 @@ def upstream_body(body: dict, route: Route, tenant: Tenant, *, model: str, cache
     return forwarded
 
 
-def client_wants_usage(body: dict) -> bool:
-    """Whether the client itself asked for a stream's usage chunk (the gateway always does,
-    for its token counters)."""
+def hides_usage(body: dict, route: Route) -> bool:
+    """Whether the proxy drops a stream's usage chunk: the gateway always asks for it (its
+    token counters need it), so it is hidden from chat and completion clients that did not
+    ask; a response's usage is part of the response itself."""
     options = body.get("stream_options")
-    return isinstance(options, dict) and options.get("include_usage") is True
+    wants = isinstance(options, dict) and options.get("include_usage") is True
+    return route is not RESPONSES and not wants
 
 
 def _optional_int(body: dict, field: str) -> int | None:

@@ -16,9 +16,10 @@ from gateway.api import request_ids
 from gateway.api.openai_request import (
     CHAT,
     COMPLETIONS,
+    RESPONSES,
     Route,
     check_limits,
-    client_wants_usage,
+    hides_usage,
     read_body,
     resolve_model,
     upstream_body,
@@ -57,7 +58,7 @@ def openai_router(access: Access, registry: AdapterRegistry, pool: BackendPool,
                         upstream_model=model, request_id=request_id, meter=meter,
                         prepare=None if entry is None else functools.partial(
                             registry.ensure_loaded, entry),
-                        hide_usage=not client_wants_usage(body))
+                        hide_usage=hides_usage(body, route))
         return await forward(request, target, pool, lease)
 
     @router.post(CHAT.path)
@@ -67,6 +68,10 @@ def openai_router(access: Access, registry: AdapterRegistry, pool: BackendPool,
     @router.post(COMPLETIONS.path)
     async def completions(request: Request) -> Response:
         return await complete(request, COMPLETIONS)
+
+    @router.post(RESPONSES.path)
+    async def responses(request: Request) -> Response:
+        return await complete(request, RESPONSES)
 
     def model_card(name: str, created: int) -> dict:
         return {"id": name, "object": "model", "created": created, "owned_by": OWNER}

@@ -3,7 +3,8 @@ dashboard), `dora-gateway bench` and the engine benchmarks all use them, so thei
 agree by construction.
 
 - A generated-text chunk: a streamed chunk with a choice that carries generated text (a
-  completions choice's `text`; a chat delta's content, reasoning or tool calls).
+  completions choice's `text`; a chat delta's content, reasoning or tool calls), or a
+  Responses API delta event of text, reasoning or tool-call arguments.
 - Time to first token: from the request to the first generated-text chunk.
 - Time per output token (TPOT): from the first generated-text chunk to the last, divided by
   the output tokens after the first (vLLM's usage count; one chunk may carry several tokens).
@@ -16,6 +17,9 @@ import math
 from collections.abc import Sequence
 
 GENERATED_DELTA_FIELDS = ("content", "reasoning", "reasoning_content", "tool_calls")
+GENERATED_RESPONSE_EVENTS = frozenset({
+    "response.output_text.delta", "response.reasoning_text.delta",
+    "response.function_call_arguments.delta"})
 
 
 def carries_generated_text(chunk: object) -> bool:
@@ -23,6 +27,8 @@ def carries_generated_text(chunk: object) -> bool:
     is not)."""
     if not isinstance(chunk, dict):
         return False
+    if chunk.get("type") in GENERATED_RESPONSE_EVENTS:
+        return bool(chunk.get("delta"))
     return any(_choice_carries_text(choice) for choice in chunk.get("choices") or ())
 
 

@@ -28,7 +28,7 @@ from gateway.errors import BackendError, BackendUnavailable, BackendUnreachable,
 from gateway.telemetry.latency import carries_generated_text
 from gateway.telemetry.meter import RequestMeter
 from gateway.tenancy.limits import Lease
-from gateway.upstream import engine_errors
+from gateway.upstream import engine_errors, stream_events
 from gateway.upstream.pool import Backend, BackendPool
 
 CLIENT_CLOSED_REQUEST = 499
@@ -139,13 +139,13 @@ def relay(upstream: httpx.Response, target: Target) -> Response:
     except ValueError:
         data = None
     if isinstance(data, dict):
-        target.meter.usage(data.get("usage"))
+        target.meter.usage(stream_events.usage_of(data))
     target.meter.finish(upstream.status_code)
     if data is None:
         return Response(text, status_code=upstream.status_code, headers=headers,
                         media_type=upstream.headers.get("content-type"))
-    if isinstance(data, dict) and "model" in data:
-        data["model"] = target.client_model
+    if isinstance(data, dict):
+        stream_events.rename_model(data, target.client_model)
     return Response(_dumps(data), status_code=upstream.status_code, headers=headers,
                     media_type="application/json")
 
@@ -187,7 +187,7 @@ class UpstreamStream(StreamingResponse):
 async def _relay_events(upstream: httpx.Response, target: Target,
                         on_backend_failure: Callable[[], None]) -> AsyncIterator[str]:
     """vLLM's SSE lines with `model` rewritten; a broken upstream ends the stream with an
-    error event and `[DONE]`, so clients see why it stopped."""
+    error event, so clients see why it stopped."""
     finished = False
     failure, status = "The model backend closed the stream before it finished", BackendError.status
     dropped = False
@@ -195,11 +195,12 @@ async def _relay_events(upstream: httpx.Response, target: Target,
         async for line in upstream.aiter_lines():
             if line.startswith("data:"):
                 payload = line[len("data:"):].strip()
-                finished = payload == "[DONE]"
+                chunk = _parse(payload)
+                line = _rewrite_chunk(payload, chunk, target)
+                finished = stream_events.ends_stream(payload, chunk)
                 if finished:  # complete, even if the client leaves before the stream closes
                     target.meter.upstream_finished()
                     target.meter.finish(200)
-                line = line if finished else _rewrite_chunk(payload, target)
             elif dropped and not line:
                 line = None  # the blank line that ended a dropped event
             dropped = line is None
@@ -215,17 +216,20 @@ async def _relay_events(upstream: httpx.Response, target: Target,
         return
     target.meter.upstream_finished()
     target.meter.finish(status)
-    error = error_body(failure, BackendError.error_type, code=BackendError.code)
-    yield f"\ndata: {_dumps(error)}\n\ndata: [DONE]\n\n"
+    error = error_body(failure, BackendError.error_type, code=BackendError.code)["error"]
+    yield stream_events.failure_lines(error, target.path == stream_events.RESPONSES_PATH)
 
 
-def _rewrite_chunk(payload: str, target: Target) -> str | None:
-    """The SSE line to relay for one chunk, or None to drop it (a usage-only chunk for a
-    client that did not ask for usage)."""
+def _parse(payload: str) -> object:
     try:
-        chunk = json.loads(payload)
+        return json.loads(payload)
     except ValueError:
-        return "data: " + payload
+        return None
+
+
+def _rewrite_chunk(payload: str, chunk: object, target: Target) -> str | None:
+    """The SSE line to relay for one chunk (`payload`, parsed: `chunk`), or None to drop it
+    (a usage-only chunk for a client that did not ask for usage)."""
     if not isinstance(chunk, dict):
         return "data: " + payload
     _meter_chunk(chunk, target.meter)
@@ -236,14 +240,14 @@ def _rewrite_chunk(payload: str, target: Target) -> str | None:
     if "error" in chunk:
         return "data: " + _dumps(engine_errors.translate_event(
             json.loads(target.scrub(payload))["error"]))
-    if "model" in chunk:
-        chunk["model"] = target.client_model
+    stream_events.rename_model(chunk, target.client_model)
     return "data: " + _dumps(chunk)
 
 
 def _meter_chunk(chunk: dict, meter: RequestMeter) -> None:
-    if chunk.get("usage"):
-        meter.usage(chunk["usage"])
+    usage = stream_events.usage_of(chunk)
+    if usage:
+        meter.usage(usage)
     if carries_generated_text(chunk):
         meter.text_relayed()
 
