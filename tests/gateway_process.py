@@ -25,17 +25,19 @@ PROMPT = "The ocean is"
 
 def write_config(path: Path, *, model: Path, adapters_dir: Path, roots: list[Path],
                  backends: list[str], max_lora_rank: int = 16,
-                 registry_url: str | None = None) -> Path:
+                 registry_url: str | None = None, server: str = "") -> Path:
     """acme may use `caps` and `pirate`; globex may use every adapter, 16 requests at a time;
     no `backends` makes the gateway start (and supervise) its own vLLM. The registry is
     `registry_url`, by default a SQLite file beside the config ("": no `[registry]` table, so
-    the gateway's own default under `$DORA_GATEWAY_HOME`)."""
+    the gateway's own default under `$DORA_GATEWAY_HOME`); `server` holds `[server]` keys."""
     if registry_url is None:
         registry_url = f"sqlite:///{path.parent / 'registry.sqlite3'}"
     registry = f'[registry]\nurl = "{registry_url}"' if registry_url else ""
     path.write_text(f"""{registry}
 [model]
 path = "{model}"
+[server]
+{server}
 [engine]
 backends = {json.dumps(backends)}
 max_loras = 2
