@@ -233,6 +233,17 @@ def test_shipped_gateway_configs_load(name, tmp_path):
     assert config.tenants
 
 
+def test_kubernetes_gives_the_gateway_time_to_drain():
+    """The pod's termination grace covers preStop's pause, the gateway's drain and a margin
+    for the last answers, so SIGKILL never cuts a drain short."""
+    pod = next(doc for doc in yaml_documents(K8S / "gateway.yaml")
+               if doc["kind"] == "Deployment")["spec"]["template"]["spec"]
+    pause = int(pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"][-1])
+    config = yaml.safe_load((K8S / "configmap.yaml").read_text())["data"]["gateway.toml"]
+    drain = tomllib.loads(config)["server"]["shutdown_grace_seconds"]
+    assert pod["terminationGracePeriodSeconds"] >= pause + drain + 5
+
+
 @pytest.fixture(scope="module")
 def served_request(real_gateway) -> None:
     """One small streamed completion of `base` through the gateway, so request series exist."""
