@@ -38,6 +38,7 @@ def create_app(config: GatewayConfig, registry: AdapterRegistry, backends: Backe
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await backends.discover()
         await backends.check_health()
         if eager:
             await load_eagerly(registry, backends.healthy())

@@ -18,7 +18,7 @@ from adapters.errors import DoraGatewayError
 from adapters.merge import merge_adapter
 from adapters.store import CompiledStore
 from gateway.bench.command import add_bench_command
-from gateway.config import GatewayConfig, is_http_url, load_config
+from gateway.config import GatewayConfig, is_backend_url, load_config
 from gateway.serve import serve
 
 
@@ -45,9 +45,10 @@ def with_overrides(config: GatewayConfig, port: int | None,
     if port is not None:
         config = dataclasses.replace(config, server=dataclasses.replace(config.server, port=port))
     if backends:
-        bad = [url for url in backends if not is_http_url(url)]
+        bad = [url for url in backends if not is_backend_url(url)]
         if bad:
-            raise DoraGatewayError(f"--backend takes http(s) URLs, got {', '.join(bad)}")
+            raise DoraGatewayError(f"--backend takes http(s) URLs or dns+http(s)://NAME:PORT "
+                                   f"names, got {', '.join(bad)}")
         engine = dataclasses.replace(config.engine, backends=tuple(backends))
         config = dataclasses.replace(config, engine=engine)
     return config
@@ -96,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", type=Path, required=True, help="gateway TOML file")
     serve.add_argument("--port", type=int, help="listen here instead of [server] port")
     serve.add_argument("--backend", action="append", metavar="URL",
-                       help="an already running vLLM server (repeatable); replaces "
+                       help="an already running vLLM server, or dns+http://NAME:PORT for "
+                            "every address NAME resolves to (repeatable); replaces "
                             "[engine] backends, and no local vLLM is started")
     serve.set_defaults(run=_serve)
     add_bench_command(commands)

@@ -23,9 +23,11 @@ from adapters.errors import ProblemsError
 from gateway.names import NAME_PATTERN, valid_name
 from gateway.tenancy.keys import parse_key, parse_secret
 from gateway.tenancy.tenants import ALL_ADAPTERS, Tenant
+from gateway.upstream.discovery import is_dns_backend
+from gateway.upstream.routing import DEFAULT_LOAD_FACTOR, POLICIES
 
 SECTIONS = {"model", "server", "engine", "adapters", "registry", "admin", "metrics",
-            "tenants"}
+            "tenants", "routing"}
 METRICS_ACCESS = ("local", "key", "open")
 REGISTRY_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg", "postgres")
 DTYPES = {"auto", "half", "float16", "bfloat16", "float", "float32"}
@@ -72,6 +74,14 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
+class RoutingConfig:
+    """`[routing]`: how requests are spread over the replicas (`gateway.upstream.routing`)."""
+
+    policy: str = POLICIES[0]
+    load_factor: float = DEFAULT_LOAD_FACTOR
+
+
+@dataclass(frozen=True)
 class AdaptersConfig:
     dir: Path
     roots: tuple[Path, ...]
@@ -113,6 +123,7 @@ class GatewayConfig:
     metrics: MetricsConfig = MetricsConfig()
     registry: RegistryConfig = field(default_factory=lambda: RegistryConfig(
         default_registry_url()))
+    routing: RoutingConfig = RoutingConfig()
 
 
 def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> GatewayConfig:
@@ -153,6 +164,7 @@ class _Reader:
         registry = self.table(data, "registry", {"url"})
         admin = self.table(data, "admin", {"api_keys"})
         metrics = self.table(data, "metrics", {"access", "api_keys", "window_seconds"})
+        routing = self.table(data, "routing", {"policy", "load_factor"})
         return GatewayConfig(
             source=source,
             model_path=self.path(model, "model", "path", paths.default_model_dir()),
@@ -163,6 +175,7 @@ class _Reader:
             tenants=self.tenants(data.get("tenants", {})),
             metrics=self.metrics(metrics),
             registry=self.registry(registry),
+            routing=self.routing(routing),
         )
 
     def server(self, table: dict) -> ServerConfig:
@@ -193,8 +206,9 @@ class _Reader:
                                  f"ranks {list(LORA_RANKS)}")
         backends = self.strings(table, "engine", "backends")
         for url in backends:
-            if not is_http_url(url):
-                self.problems.append(f"engine.backends: {url!r} is not an http(s) URL")
+            if not is_backend_url(url):
+                self.problems.append(f"engine.backends: {url!r} is not an http(s) URL or a "
+                                     f"dns+http(s)://NAME:PORT name")
         return EngineConfig(
             dtype=dtype,
             max_loras=self.integer(table, "engine", "max_loras", defaults.max_loras),
@@ -219,6 +233,20 @@ class _Reader:
             max_upload_bytes=self.integer(table, "adapters", "max_upload_bytes",
                                           AdaptersConfig.max_upload_bytes),
         )
+
+    def routing(self, table: dict) -> RoutingConfig:
+        defaults = RoutingConfig()
+        policy = self.value(table, "routing", "policy", str, defaults.policy)
+        if policy not in POLICIES:
+            self.problems.append(f"routing.policy: {policy!r} is not one of {list(POLICIES)}")
+        load_factor = table.get("load_factor", defaults.load_factor)
+        if isinstance(load_factor, bool) or not isinstance(load_factor, int | float):
+            self.problems.append("routing.load_factor: must be a number")
+            load_factor = defaults.load_factor
+        elif load_factor < 1:
+            self.problems.append(f"routing.load_factor: must be at least 1, got {load_factor}")
+            load_factor = defaults.load_factor
+        return RoutingConfig(policy=policy, load_factor=float(load_factor))
 
     def registry(self, table: dict) -> RegistryConfig:
         """`url`: plain or `env:VAR`; a relative SQLite path is relative to the file."""
@@ -344,6 +372,11 @@ class _Reader:
     def _known(self, table: dict, allowed: set[str], where: str) -> None:
         for key in sorted(set(table) - allowed):
             self.problems.append(f"{where}: unknown key {key!r} (known: {sorted(allowed)})")
+
+
+def is_backend_url(url: str) -> bool:
+    """An http(s) URL of one replica, or a DNS name standing for several."""
+    return is_http_url(url) or is_dns_backend(url)
 
 
 def is_http_url(url: str) -> bool:

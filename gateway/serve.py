@@ -29,6 +29,7 @@ from gateway.engine.supervisor import EngineSupervisor
 from gateway.registry import AdapterRegistry, RegistryDatabase
 from gateway.startup_checks import check_port_free, checked_base_model
 from gateway.upstream.pool import BackendPool
+from gateway.upstream.routing import RoutingPolicy
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +59,17 @@ def local_engine(config: GatewayConfig) -> EngineProcess:
     return EngineProcess(settings, log_path=paths.home() / "logs" / "vllm-gateway.log")
 
 
+def routing_policy(config: GatewayConfig) -> RoutingPolicy:
+    """`[routing]`, with `[engine] max_loras` as the replicas' LoRA slots."""
+    return RoutingPolicy(config.routing.policy, config.routing.load_factor,
+                         config.engine.max_loras)
+
+
 async def _serve(config: GatewayConfig, base: BaseCheckpoint, database: RegistryDatabase,
                  backend_urls: Sequence[str], local: EngineProcess | None = None) -> None:
     """Run until uvicorn stops; `local` is the local engine, which this gateway keeps
     running."""
-    pool = BackendPool(backend_urls)
+    pool = BackendPool(backend_urls, routing=routing_policy(config))
     supervising: asyncio.Task | None = None
     try:
         registry = AdapterRegistry(base, CompiledStore(paths.compiled_store_dir()),

@@ -24,6 +24,8 @@ from gateway.app import create_app
 from gateway.config import GatewayConfig, load_config
 from gateway.engine.limits import EngineLimits
 from gateway.registry import AdapterRegistry, RegistryDatabase
+from gateway.serve import routing_policy
+from gateway.upstream.discovery import Resolver, system_resolver
 from gateway.upstream.pool import BackendPool
 from tests.factories import LLAMA_TARGETS, random_adapter
 
@@ -246,9 +248,10 @@ def make_demo_adapters(base_dir: Path, out_dir: Path) -> Path:
 
 
 def write_config(directory: Path, base_dir: Path, adapters_dir: Path, *, extra_root: Path,
-                 backends: list[str], eager: bool, metrics: str = "", engine: str = "") -> Path:
+                 backends: list[str], eager: bool, metrics: str = "", engine: str = "",
+                 routing: str = "") -> Path:
     """acme may use `caps` and `plain` (2 at a time, 64 tokens); globex may use every adapter;
-    `engine` holds more `[engine]` keys."""
+    `engine` holds more `[engine]` keys, `routing` an optional `[routing]` table."""
     path = directory / "gateway.toml"
     path.write_text(f"""
 [model]
@@ -266,6 +269,7 @@ eager = {json.dumps(eager)}
 [admin]
 api_keys = ["{ADMIN_KEY}"]
 {metrics}
+{routing}
 [tenants.acme]
 api_keys = ["{ACME_KEY}"]
 adapters = ["caps", "plain"]
@@ -304,19 +308,23 @@ def sqlite_registry(directory: Path) -> RegistryDatabase:
 
 async def make_gateway(tmp_path: Path, base_dir: Path, demo_adapters: Path, store_dir: Path,
                        *vllms: FakeVllm, eager: bool = False, metrics: str = "",
-                       engine: str = "") -> Gateway:
+                       engine: str = "", routing: str = "", backends: list[str] | None = None,
+                       resolver: Resolver = system_resolver) -> Gateway:
     """A gateway over a fresh copy of the demo adapters (uploads write there), in front of
     `vllms` (one fake by default); `metrics` is an optional `[metrics]` TOML table, `engine`
-    more `[engine]` keys."""
+    more `[engine]` keys, `routing` a `[routing]` table; `backends` (the fakes' URLs by default)
+    may hold DNS names, which `resolver` resolves."""
     vllms = vllms or (FakeVllm(),)
     adapters_dir = shutil.copytree(demo_adapters, tmp_path / "adapters")
     extra_root = tmp_path / "extra-root"
     extra_root.mkdir()
     config = load_config(write_config(tmp_path, base_dir, adapters_dir, extra_root=extra_root,
-                                      backends=[vllm.url for vllm in vllms], eager=eager,
-                                      metrics=metrics, engine=engine))
+                                      backends=backends or [vllm.url for vllm in vllms],
+                                      eager=eager,
+                                      metrics=metrics, engine=engine, routing=routing))
     pool = BackendPool(config.engine.backends,
-                       httpx.AsyncClient(transport=fake_transport(*vllms)))
+                       httpx.AsyncClient(transport=fake_transport(*vllms)),
+                       routing=routing_policy(config), resolver=resolver)
     registry = AdapterRegistry(BaseCheckpoint(base_dir), CompiledStore(store_dir),
                                config.adapters.roots, pool, sqlite_registry(tmp_path),
                                EngineLimits.from_config(config.engine),

@@ -266,3 +266,33 @@ def test_registry_url_spellings(tmp_path, url, expected):
 ])
 def test_bad_registry_urls_are_reported(tmp_path, url, message):
     assert message in problems(tmp_path, MINIMAL + f'[registry]\nurl = "{url}"\n')
+
+
+def test_routing_defaults_to_adapter_affinity_and_backends_may_be_dns_names(tmp_path):
+    config = load_config(write(tmp_path, MINIMAL + """
+[engine]
+backends = ["dns+http://vllm-headless.ns.svc:8000", "http://10.0.0.9:8000"]
+"""), {})
+    assert config.engine.backends == ("dns+http://vllm-headless.ns.svc:8000",
+                                      "http://10.0.0.9:8000")
+    assert (config.routing.policy, config.routing.load_factor) == ("adapter-affinity", 1.25)
+    config = load_config(write(tmp_path, MINIMAL + """
+[routing]
+policy = "round-robin"
+load_factor = 2
+"""), {})
+    assert (config.routing.policy, config.routing.load_factor) == ("round-robin", 2.0)
+
+
+def test_bad_routing_and_backend_names_are_reported(tmp_path):
+    found = problems(tmp_path, MINIMAL + """
+[engine]
+backends = ["dns+ftp://vllm:8000", "dns+http://vllm:8000/v1"]
+[routing]
+policy = "random"
+load_factor = 0.5
+""")
+    assert "'dns+ftp://vllm:8000' is not an http(s) URL or a dns+http(s)://NAME:PORT" in found
+    assert "'dns+http://vllm:8000/v1' is not" in found
+    assert "routing.policy: 'random' is not one of ['adapter-affinity', 'round-robin']" in found
+    assert "routing.load_factor: must be at least 1, got 0.5" in found

@@ -310,7 +310,8 @@ async def test_no_healthy_backend_is_503(gateway, vllm):
 async def test_requests_go_round_robin_and_skip_an_unreachable_backend(tmp_path, llama_base, demo,
                                                                       store_dir):
     first, second = FakeVllm("http://vllm-a:8000"), FakeVllm("http://vllm-b:8000")
-    gateway = await make_gateway(tmp_path, llama_base, demo, store_dir, first, second)
+    gateway = await make_gateway(tmp_path, llama_base, demo, store_dir, first, second,
+                                 routing='[routing]\npolicy = "round-robin"')
     for _ in range(4):
         assert (await chat(gateway, model="caps")).status_code == 200
     assert len(first.received(CHAT)) == len(second.received(CHAT)) == 2

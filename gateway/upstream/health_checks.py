@@ -1,7 +1,9 @@
-"""Keeping backend health current, and loading every adapter onto a backend eagerly.
+"""Keeping the routing table current, and loading every adapter onto a backend eagerly.
 
-A backend found down forgets its adapters (the pool tells the adapter loader); when it is back
-and loading is eager, its adapters are loaded again at once.
+Each round re-resolves the DNS names among the backends (replicas join and leave), checks
+every replica's health and reads the load vLLM reports. A backend found down forgets its
+adapters (the pool tells the adapter loader); when it is back, or has just joined, and
+loading is eager, its adapters are loaded at once.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ class AdapterSet(Protocol):
 
 
 async def refresh(pool: BackendPool, adapters: AdapterSet, *, eager: bool) -> None:
-    """One health round; with `eager`, reload every adapter on backends that came back."""
+    """One round; with `eager`, load every adapter on backends that came back or joined."""
+    await pool.discover()
     was_down = {backend.url for backend in pool.backends if not backend.healthy}
     await pool.check_health()
     if eager:

@@ -1,8 +1,9 @@
 """Loading compiled adapters into vLLM backends once each, and unloading them.
 
 vLLM keeps runtime-loaded adapters by name (`/v1/load_lora_adapter`), so the gateway tracks
-which backend has which internal name, loads on first use (or eagerly), and forgets a
-backend's adapters when it goes down: a restarted vLLM has none of them.
+which backend has which internal name (`Backend.adapters`, which routing reads too), loads on
+first use (or eagerly), and forgets a backend's adapters when it goes down or leaves: a
+restarted vLLM has none of them.
 
 A load that a healthy backend refuses (vLLM answers 500 to every failed load, so health tells
 a refusal from a dying engine) is the adapter's fault: it is remembered with the engine's
@@ -49,23 +50,21 @@ class LoraLoader:
         self._pool = pool
         self._on_loaded = on_loaded
         self._on_refused = on_refused
-        self._loaded: dict[str, set[str]] = {}
         self._refused: dict[str, Refusal] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         pool.on_down(self.forget_backend)
 
     def loaded_on(self, internal_name: str) -> list[str]:
-        return sorted(self._loaded.get(internal_name, ()))
-
-    def is_loaded(self, internal_name: str, url: str) -> bool:
-        return url in self._loaded.get(internal_name, ())
+        return sorted(backend.url for backend in self._pool.backends
+                      if internal_name in backend.adapters)
 
     def refusal(self, internal_name: str) -> Refusal | None:
         return self._refused.get(internal_name)
 
     def forget_backend(self, url: str) -> None:
-        for urls in self._loaded.values():
-            urls.discard(url)
+        backend = self._pool.get(url)
+        if backend is not None:
+            backend.adapters.clear()
         for name in [name for name, refusal in self._refused.items() if refusal.backend == url]:
             del self._refused[name]
 
@@ -76,10 +75,10 @@ class LoraLoader:
         `AdapterUnavailable` if any backend refused it, so it is served everywhere or nowhere."""
         if internal_name in self._refused:
             raise self._refused[internal_name].error()
-        if self.is_loaded(internal_name, backend.url):
+        if internal_name in backend.adapters:
             return True
         async with self._lock(internal_name, backend.url):
-            if self.is_loaded(internal_name, backend.url):
+            if internal_name in backend.adapters:
                 return True
             if internal_name in self._refused:
                 raise self._refused[internal_name].error()
@@ -91,7 +90,7 @@ class LoraLoader:
             if response.status_code != 200 and not _already_loaded(response):
                 raise await self._refused_by(backend, internal_name, _message(response))
             self._on_loaded(internal_name, time.perf_counter() - started)
-            self._loaded.setdefault(internal_name, set()).add(backend.url)
+            backend.adapters.add(internal_name)
             return True
 
     async def unload_everywhere(self, internal_name: str) -> None:
@@ -99,10 +98,12 @@ class LoraLoader:
         urls = sorted(url for name, url in self._locks if name == internal_name)
         for url in urls:
             async with self._locks[(internal_name, url)]:
-                if self.is_loaded(internal_name, url):
-                    await self._unload(internal_name, self._pool.by_url(url))
+                backend = self._pool.get(url)
+                if backend is not None and internal_name in backend.adapters:
+                    await self._unload(internal_name, backend)
             del self._locks[(internal_name, url)]
-        self._loaded.pop(internal_name, None)
+        for backend in self._pool.backends:
+            backend.adapters.discard(internal_name)
         self._refused.pop(internal_name, None)
 
     async def _refused_by(self, backend: Backend, internal_name: str,

@@ -29,7 +29,7 @@ from gateway.telemetry.latency import carries_generated_text
 from gateway.telemetry.meter import RequestMeter
 from gateway.tenancy.limits import Lease
 from gateway.upstream import engine_errors, stream_events
-from gateway.upstream.pool import Backend, BackendPool
+from gateway.upstream.pool import Backend, BackendPool, Visit
 
 CLIENT_CLOSED_REQUEST = 499
 GATEWAY_TIMEOUT = 504
@@ -55,24 +55,32 @@ class Target:
     prepare: Callable[[Backend], Awaitable[None]] | None = None
     hide_usage: bool = False
 
+    @property
+    def adapter(self) -> str | None:
+        """The adapter's internal name, which routing places by; None for the base model."""
+        return None if self.prepare is None else self.upstream_model
+
     def scrub(self, text: str) -> str:
         return text.replace(self.upstream_model, self.client_model)
 
 
 async def forward(request: Request, target: Target, pool: BackendPool, lease: Lease) -> Response:
-    """Relay `target` to a backend; `lease` is released when the answer is complete."""
+    """Relay `target` to a backend; `lease` is released, and the request stops counting in
+    the backend's load, when the answer is complete."""
     stream = target.body.get("stream") is True
     handed_off = False
+    visit: Visit | None = None
     try:
         with target.meter.failures():
             opened = await _unless_disconnected(request, _open(target, pool, stream))
         if opened is None:
             target.meter.finish(CLIENT_CLOSED_REQUEST)
             return Response(status_code=CLIENT_CLOSED_REQUEST)
-        backend, upstream = opened
+        visit, upstream = opened
         if stream and upstream.status_code == 200:
             handed_off = True
-            return UpstreamStream(upstream, target, lease, lambda: pool.mark_down(backend))
+            return UpstreamStream(upstream, target, lease, visit,
+                                  lambda: pool.mark_down(visit.backend))
         with target.meter.failures():
             if stream:
                 await _read_whole(upstream)
@@ -80,6 +88,8 @@ async def forward(request: Request, target: Target, pool: BackendPool, lease: Le
     finally:
         if not handed_off:
             lease.release()
+            if visit is not None:
+                visit.end()
 
 
 async def _read_whole(upstream: httpx.Response) -> None:
@@ -93,19 +103,37 @@ async def _read_whole(upstream: httpx.Response) -> None:
 
 
 async def _open(target: Target, pool: BackendPool, stream: bool,
-                ) -> tuple[Backend, httpx.Response]:
-    """Send to the next healthy backend, trying the others while one cannot be reached."""
-    for backend in pool.candidates():
+                ) -> tuple[Visit, httpx.Response]:
+    """Send to the backend routing puts first, trying the next while one fails before the
+    request reached it: unreachable, or failing while the adapter is loaded there."""
+    for backend in pool.candidates(target.adapter):
+        visit = Visit(backend, target.adapter)
         try:
-            if target.prepare is not None:
-                await target.prepare(backend)
-            target.meter.upstream_started()
-            response = await pool.send(backend, target.path, target.body,
-                                       {"X-Request-Id": target.request_id}, stream=stream)
-        except BackendUnreachable:
-            continue
-        return backend, response
+            response = await _send(target, pool, backend, stream)
+        except BaseException:
+            visit.end()
+            raise
+        if response is not None:
+            return visit, response
+        visit.end()
     raise BackendUnavailable()
+
+
+async def _send(target: Target, pool: BackendPool, backend: Backend,
+                stream: bool) -> httpx.Response | None:
+    """vLLM's answer, or None if the request did not reach `backend` (the pool has marked it
+    down): it could not be connected to, or it failed while the adapter was loaded there."""
+    try:
+        if target.prepare is not None:
+            await target.prepare(backend)
+    except BackendUnavailable:
+        return None
+    target.meter.upstream_started()
+    try:
+        return await pool.send(backend, target.path, target.body,
+                               {"X-Request-Id": target.request_id}, stream=stream)
+    except BackendUnreachable:
+        return None
 
 
 async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
@@ -164,13 +192,14 @@ def _relay_error(upstream: httpx.Response, target: Target) -> Response:
 class UpstreamStream(StreamingResponse):
     """An SSE relay that owns the upstream response and the tenant's concurrency lease."""
 
-    def __init__(self, upstream: httpx.Response, target: Target, lease: Lease,
+    def __init__(self, upstream: httpx.Response, target: Target, lease: Lease, visit: Visit,
                  on_backend_failure: Callable[[], None]) -> None:
         self._events = _relay_events(upstream, target, on_backend_failure)
         super().__init__(self._events, media_type="text/event-stream",
                          headers={"X-Request-Id": target.request_id, "Cache-Control": "no-cache"})
         self._upstream = upstream
         self._lease = lease
+        self._visit = visit
         self._target = target
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -181,6 +210,7 @@ class UpstreamStream(StreamingResponse):
                 await self._events.aclose()
                 await self._upstream.aclose()
             self._lease.release()
+            self._visit.end()
             self._target.meter.finish(CLIENT_CLOSED_REQUEST)
 
 
