@@ -10,6 +10,8 @@ import json
 
 import httpx
 import pytest
+from starlette.requests import Request
+from starlette.responses import JSONResponse
 
 from gateway.api.slow_clients import WriteTimeoutMiddleware
 from gateway.errors import ERROR_TYPES
@@ -194,3 +196,18 @@ async def test_a_closed_gate_refuses_new_requests_but_not_those_in_flight(gatewa
     disconnect.set()
     await asyncio.wait_for(streaming, 10)
     assert gate.idle
+
+
+async def test_a_route_that_parses_a_bad_body_itself_still_answers_400(gateway):
+    """A new route that reads the raw body its own way and trips over a body the decoder
+    refused gets the decoder's 400 from the crash handler, not a 500."""
+    async def raw_json(request: Request) -> JSONResponse:
+        return JSONResponse({"items": len(json.loads(await request.body()))})
+
+    gateway.app.add_api_route("/v1/raw", raw_json, methods=["POST"])
+    transport = httpx.ASGITransport(app=gateway.app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+        deep = await client.post("/v1/raw", content=b"[" * 2000 + b"]" * 2000)
+        fine = await client.post("/v1/raw", content=b"[[1]]")
+    assert "nested" in assert_error_shape(deep, 400, "invalid_json")["message"]
+    assert fine.status_code == 200
