@@ -27,6 +27,8 @@ def openapi_schema() -> dict:
         "paths": {
             "/v1/chat/completions": {"post": _completion("ChatRequest", "ChatCompletion")},
             "/v1/completions": {"post": _completion("CompletionRequest", "Completion")},
+            "/v1/responses": {"post": _completion("ResponsesRequest", "Response",
+                                                  event="ResponseEvent")},
             "/v1/models": {"get": _operation(200, _ref("ModelList"), errors=(401,))},
             "/v1/models/{model}": {"get": _operation(
                 200, _ref("Model"), errors=(401, 404), parameters=[_path_parameter("model")])},
@@ -112,8 +114,18 @@ def _schemas() -> dict:
             **sampling, "prompt": {"anyOf": [
                 {"type": "string"}, {"type": "array", "items": {"type": "string"}},
                 {"type": "array", "items": {"type": "integer", "minimum": 0}}]}}},
+        "ResponsesRequest": {"type": "object", "required": ["model", "input"], "properties": {
+            "model": model, "stream": {"type": "boolean"}, "max_output_tokens": optional_int,
+            "input": {"anyOf": [{"type": "string"},
+                                {"type": "array", "items": {"type": "object"}}]}}},
         "Chunk": {"type": "object", "required": ["choices"],
                   "properties": {"choices": {"type": "array", "items": choice}}},
+        "Response": {"type": "object", "required": ["id", "object", "model", "output"],
+                     "properties": {"object": {"const": "response"},
+                                    "model": {"type": "string"},
+                                    "output": {"type": "array"}}},
+        "ResponseEvent": {"type": "object", "required": ["type"],
+                          "properties": {"type": {"type": "string"}}},
         "ChatCompletion": {"type": "object", "required": ["id", "object", "model", "choices"],
                            "properties": {"object": {"const": "chat.completion"},
                                           "model": {"type": "string"},
