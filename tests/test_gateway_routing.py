@@ -42,6 +42,12 @@ def test_an_adapter_goes_where_it_is_loaded_while_that_replica_is_within_the_bou
     assert first_choice([b, a], "x") == "a"
 
 
+def test_an_adapter_being_loaded_counts_as_placed():
+    """The second of two first requests for `x` follows the first, which is loading it."""
+    loading, idle = backend("loading", load=1, active={"x": 1}), backend("idle")
+    assert first_choice([idle, loading], "x", max_loras=1) == "loading"
+
+
 def test_a_saturated_replica_spills_its_adapter_to_another():
     # bound = ceil(1.25 * (4 + 1) / 2) = 4: `a` is at it, so `x` goes to `b`
     a, b = backend("a", load=4, adapters={"x"}), backend("b", load=0)

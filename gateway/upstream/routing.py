@@ -8,7 +8,7 @@ load is the gateway's requests in flight there plus what vLLM last reported beyo
 (`Backend.load`). The order for an adapter's request, among the replicas under the load
 bound `ceil(load_factor * (total load + 1) / replicas)`:
 
-1. replicas that have the adapter loaded;
+1. replicas that have the adapter loaded, or are loading it (a request for it is there);
 2. replicas with a free LoRA slot (fewer adapters in flight there than `max_loras`);
 3. the others;
 
@@ -64,6 +64,6 @@ class RoutingPolicy:
     def _group(self, backend: Backend, adapter: str | None, bound: int) -> int:
         if backend.load >= bound:
             return 3
-        if adapter is None or adapter in backend.adapters:
+        if adapter is None or adapter in backend.adapters or adapter in backend.active:
             return 0
         return 1 if len(backend.active) < self.max_loras else 2
