@@ -83,6 +83,10 @@ def test_a_burst_of_ten_times_the_limits_gets_200s_and_429s(gateway):
     responses = asyncio.run(burst(gateway))
     rss_after = process.memory_info().rss
     statuses = Counter(response.status_code for response in responses)
+    TEST_OUTPUT.mkdir(exist_ok=True)
+    (TEST_OUTPUT / "overload.json").write_text(json.dumps({
+        "requests": len(responses), "statuses": statuses,
+        "rss_mib": {"before": rss_before / 2**20, "after": rss_after / 2**20}}, indent=2))
     assert set(statuses) <= {200, 429}, statuses
     assert statuses[200] >= sum(LIMITS.values()) and statuses[429] > 0, statuses
     for response in responses:
