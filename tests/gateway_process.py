@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 
+from adapters import paths
 from gateway.engine.process import free_port, wait_until_ok
 from tests.gateway_fakes import ACME_KEY, ADMIN_KEY, GLOBEX_KEY
 
@@ -107,6 +108,15 @@ class GatewayProcess:
     def log_tail(self, lines: int = 40) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
         return "\n".join(text.splitlines()[-lines:])
+
+
+def gateway_home(directory: Path) -> Path:
+    """A `$DORA_GATEWAY_HOME` of its own (registry, uploads) whose compiled store is this
+    session's, so adapters compiled before are cache hits."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths.compiled_store_dir().mkdir(parents=True, exist_ok=True)
+    (directory / "compiled").symlink_to(paths.compiled_store_dir(), target_is_directory=True)
+    return directory
 
 
 def running_requests(engine_url: str) -> float:

@@ -12,7 +12,14 @@ import httpx
 import pytest
 
 from tests.conftest import TEST_OUTPUT
-from tests.gateway_process import ADMIN_KEY, GLOBEX_KEY, PROMPT, GatewayProcess, write_config
+from tests.gateway_process import (
+    ADMIN_KEY,
+    GLOBEX_KEY,
+    PROMPT,
+    GatewayProcess,
+    gateway_home,
+    write_config,
+)
 
 pytestmark = pytest.mark.vllm
 FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -39,7 +46,7 @@ def upload(client: httpx.Client, name: str, directory: Path) -> httpx.Response:
 
 def test_admin_changes_survive_a_restart_and_a_kill(engine, default_model, demo_adapters,
                                                     tmp_path):
-    home = tmp_path / "home"
+    home = gateway_home(tmp_path / "home")
     adapters_dir = shutil.copytree(demo_adapters, tmp_path / "adapters")
     config = write_config(tmp_path / "gateway.toml", model=default_model,
                           adapters_dir=adapters_dir, roots=[], backends=[engine.base_url],

@@ -30,6 +30,7 @@ from tests.gateway_process import (
     GLOBEX_KEY,
     PROMPT,
     GatewayProcess,
+    gateway_home,
     write_config,
 )
 from tests.postgres_server import PostgresServer, TcpRelay
@@ -76,7 +77,7 @@ def replicas(engine, default_model, demo_adapters, postgres, tmp_path_factory
     relay = TcpRelay(postgres.port)
     relay.restore()
     directory = tmp_path_factory.mktemp("replicas")
-    home = directory / "shared"
+    home = gateway_home(directory / "shared")
     env = {**os.environ, "DORA_GATEWAY_HOME": str(home)}
     configs = {name: write_config(directory / f"{name}.toml", model=default_model,
                                   adapters_dir=demo_adapters, roots=[],
