@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from gateway.errors import ERROR_TYPES
 from gateway.names import BASE_MODEL, NAME_PATTERN
+from gateway.registry.entries import Origin
 
 JSON = "application/json"
 INT64 = {"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1}
@@ -145,6 +146,8 @@ def _schemas() -> dict:
                                    "hash": {"type": "string"},
                                    "internal_name": {"type": "string"},
                                    "servable": {"type": "boolean"},
+                                   "origin": {"enum": [origin.value for origin in Origin]},
+                                   "added_by": {"type": "string"},
                                    "loaded_backends": {"type": "array",
                                                        "items": {"type": "string"}}}},
         "AdapterList": _list("Adapter"),
