@@ -6,15 +6,25 @@ before is a 400 that never reaches vLLM."""
 from __future__ import annotations
 
 import json
+import os
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, settings
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
 from gateway.errors import ERROR_TYPES
 from tests.gateway_process import GLOBEX_KEY, PROMPT
+from tests.test_gateway_fuzz import fuzzed, openai_error_shape
 
 pytestmark = pytest.mark.vllm
 CHAT = "/v1/chat/completions"
+REAL_FUZZ_EXAMPLES = int(os.environ.get("DORA_GATEWAY_REAL_FUZZ_EXAMPLES", "10"))
 MESSAGES = [{"role": "user", "content": "Hi"}]
 # Traces of vLLM's and pydantic's own dialect that must not reach clients.
 FOREIGN = ("{'type'", "validation error", "input_value", "errors.pydantic.dev",
@@ -73,3 +83,28 @@ def test_what_broke_the_gateway_before_is_a_400(real_gateway, content):
     assert error["type"] in ERROR_TYPES and error["code"] == "invalid_json"
     assert response.headers["x-request-id"]
 
+
+
+real_fuzzed = fuzzed.include(path_regex="^/v1/(chat/completions|completions|responses)$")
+
+
+@real_fuzzed.hook
+def map_body(context, body):
+    """Short generations: a real CPU engine would take minutes at the tenant's token cap."""
+    if isinstance(body, dict):
+        for field in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
+            value = body.get(field)
+            if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+                body[field] = 4 if value is None else min(value, 4)
+    return body
+
+
+@real_fuzzed.parametrize()
+@settings(max_examples=REAL_FUZZ_EXAMPLES, deadline=None, database=None,
+          suppress_health_check=list(HealthCheck))
+def test_fuzzed_generations_against_a_real_vllm_get_no_5xx(case, real_gateway):
+    response = case.call(base_url=real_gateway.url,
+                         headers={"Authorization": f"Bearer {GLOBEX_KEY}"}, timeout=300)
+    case.validate_response(response, checks=[
+        not_a_server_error, status_code_conformance, content_type_conformance,
+        response_schema_conformance, openai_error_shape])
