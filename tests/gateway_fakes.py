@@ -309,11 +309,12 @@ def sqlite_registry(directory: Path) -> RegistryDatabase:
 async def make_gateway(tmp_path: Path, base_dir: Path, demo_adapters: Path, store_dir: Path,
                        *vllms: FakeVllm, eager: bool = False, metrics: str = "",
                        engine: str = "", routing: str = "", backends: list[str] | None = None,
-                       resolver: Resolver = system_resolver) -> Gateway:
+                       resolver: Resolver = system_resolver,
+                       client: httpx.AsyncClient | None = None) -> Gateway:
     """A gateway over a fresh copy of the demo adapters (uploads write there), in front of
     `vllms` (one fake by default); `metrics` is an optional `[metrics]` TOML table, `engine`
     more `[engine]` keys, `routing` a `[routing]` table; `backends` (the fakes' URLs by default)
-    may hold DNS names, which `resolver` resolves."""
+    may hold DNS names, which `resolver` resolves; `client` (real vLLMs) replaces the fakes."""
     vllms = vllms or (FakeVllm(),)
     adapters_dir = shutil.copytree(demo_adapters, tmp_path / "adapters")
     extra_root = tmp_path / "extra-root"
@@ -323,7 +324,7 @@ async def make_gateway(tmp_path: Path, base_dir: Path, demo_adapters: Path, stor
                                       eager=eager,
                                       metrics=metrics, engine=engine, routing=routing))
     pool = BackendPool(config.engine.backends,
-                       httpx.AsyncClient(transport=fake_transport(*vllms)),
+                       client or httpx.AsyncClient(transport=fake_transport(*vllms)),
                        routing=routing_policy(config), resolver=resolver)
     registry = AdapterRegistry(BaseCheckpoint(base_dir), CompiledStore(store_dir),
                                config.adapters.roots, pool, sqlite_registry(tmp_path),

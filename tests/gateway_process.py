@@ -26,7 +26,7 @@ PROMPT = "The ocean is"
 
 def write_config(path: Path, *, model: Path, adapters_dir: Path, roots: list[Path],
                  backends: list[str], max_lora_rank: int = 16,
-                 registry_url: str | None = None, server: str = "") -> Path:
+                 registry_url: str | None = None, server: str = "", max_loras: int = 2) -> Path:
     """acme may use `caps` and `pirate`; globex may use every adapter, 16 requests at a time;
     no `backends` makes the gateway start (and supervise) its own vLLM. The registry is
     `registry_url`, by default a SQLite file beside the config ("": no `[registry]` table, so
@@ -41,7 +41,7 @@ path = "{model}"
 {server}
 [engine]
 backends = {json.dumps(backends)}
-max_loras = 2
+max_loras = {max_loras}
 max_lora_rank = {max_lora_rank}
 [adapters]
 dir = "{adapters_dir}"

@@ -65,22 +65,24 @@ def wait_until_ok(url: str, process: subprocess.Popen, timeout_s: float) -> bool
 
 
 class EngineProcess:
-    """One vLLM server process on 127.0.0.1:`port`, logging to `log_path`."""
+    """One vLLM server process on `host`:`port` (a loopback address), logging to `log_path`."""
 
-    def __init__(self, settings: EngineSettings, log_path: Path, port: int | None = None) -> None:
+    def __init__(self, settings: EngineSettings, log_path: Path, port: int | None = None,
+                 host: str = "127.0.0.1") -> None:
         self.settings = settings
         self.log_path = log_path
+        self.host = host
         self.port = port or free_port()
         self.process: subprocess.Popen | None = None
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def command(self) -> list[str]:
         s = self.settings
         command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-                   "--host", "127.0.0.1", "--port", str(self.port), "--model", str(s.model),
+                   "--host", self.host, "--port", str(self.port), "--model", str(s.model),
                    "--served-model-name", s.served_model_name, "--dtype", s.dtype,
                    "--max-model-len", str(s.max_model_len), "--enable-lora",
                    "--max-loras", str(s.max_loras), "--max-lora-rank", str(s.max_lora_rank)]
