@@ -133,7 +133,8 @@ def test_compose_wires_the_services_prometheus_scrapes():
     vllm_args = services["vllm"]["command"]
     assert {"--enable-lora", "--served-model-name=base", "--port=8000"} <= set(vllm_args)
     assert services["vllm"]["environment"]["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
-    assert services["gateway"]["command"] == ["--backend", "http://vllm:8000"]
+    assert services["gateway"]["command"] == ["--backend", "dns+http://vllm:8000"]
+    assert services["vllm"]["deploy"]["replicas"] == 2
     for name in ("vllm", "gateway"):
         assert "data:/data" in services[name]["volumes"], name
         dockerfile = DEPLOY / services[name]["build"]["context"] / services[name]["build"][
@@ -176,6 +177,11 @@ def test_kubernetes_manifests_are_complete_and_refer_to_each_other():
                     "PersistentVolumeClaim"]
             if "configMap" in volume:
                 assert volume["configMap"]["name"] in by_kind["ConfigMap"]
+    assert by_kind["Deployment"]["dora-vllm"]["spec"]["replicas"] == 2
+    assert by_kind["Service"]["dora-vllm"]["spec"]["clusterIP"] == "None"  # headless
+    gateway_toml = tomllib.loads(by_kind["ConfigMap"]["dora-gateway-config"]["data"][
+        "gateway.toml"])
+    assert gateway_toml["engine"]["backends"] == ["dns+http://dora-vllm:8000"]
     vllm = by_kind["Deployment"]["dora-vllm"]["spec"]["template"]["spec"]["containers"][0]
     assert vllm["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert "--enable-lora" in vllm["args"]
