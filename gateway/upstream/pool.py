@@ -83,8 +83,9 @@ class BackendPool:
     def __init__(self, backends: Sequence[str] = (), client: httpx.AsyncClient | None = None,
                  *, routing: RoutingPolicy | None = None,
                  resolver: Resolver = system_resolver) -> None:
-        names = [name for name in map(DnsName.parse, backends) if name is not None]
-        self._static = [spec.rstrip("/") for spec in backends if DnsName.parse(spec) is None]
+        parsed = [(spec, DnsName.parse(spec)) for spec in backends]
+        names = [name for _, name in parsed if name is not None]
+        self._static = [spec.rstrip("/") for spec, name in parsed if name is None]
         self._table = {url: Backend(url) for url in self._static}
         self._discovery = Discovery(names, resolver) if names else None
         self.routing = routing or RoutingPolicy()
