@@ -51,12 +51,20 @@ def in_flight(gateway: GatewayProcess) -> float:
                if line.startswith("dora_gateway_requests_in_flight{"))
 
 
-def wait_for(condition: Callable[[], bool], timeout_s: float = 120) -> None:
-    """Poll until `condition` holds; fail (rather than hang) after `timeout_s`."""
+def wait_for(condition: Callable[[], bool], timeout_s: float = 300) -> None:
+    """Poll until `condition` holds; fail (rather than hang) after `timeout_s`. A probe that
+    times out (a server busy on a loaded machine) counts as not yet."""
     deadline = time.monotonic() + timeout_s
-    while not condition():
+    while not _holds(condition):
         assert time.monotonic() < deadline, "the condition never held"
         time.sleep(0.5)
+
+
+def _holds(condition: Callable[[], bool]) -> bool:
+    try:
+        return condition()
+    except httpx.TimeoutException:
+        return False
 
 
 async def burst(gateway: GatewayProcess) -> list[httpx.Response]:
