@@ -9,7 +9,9 @@ vLLM's usage; the proxy hides it from clients that did not ask).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from starlette.requests import Request
 
@@ -19,6 +21,7 @@ from gateway.errors import InvalidRequest, ModelNotFound
 from gateway.names import BASE_MODEL
 from gateway.registry import AdapterEntry, AdapterRegistry
 from gateway.tenancy.tenants import Tenant
+from gateway.upstream.stream_events import RESPONSES_PATH
 
 MAX_N = 8
 GATEWAY_FIELDS = ("cache_salt", "request_id")
@@ -30,12 +33,18 @@ class Route:
     token_fields: tuple[str, ...]
     # vLLM's completions default is 16 tokens; chat has no default (up to the context).
     unbounded_when_absent: bool
+    # Chat and completion streams carry usage only when asked to (`stream_options`); the
+    # Responses API always reports it, in its final event.
+    usage_on_request: bool = True
+    check: Callable[[dict], None] | None = None
+    pinned: Mapping[str, object] = MappingProxyType({})
 
 
 CHAT = Route("/v1/chat/completions", ("max_completion_tokens", "max_tokens"), True)
 COMPLETIONS = Route("/v1/completions", ("max_tokens",), False)
 # vLLM's Responses API has no default output cap either.
-RESPONSES = Route("/v1/responses", ("max_output_tokens",), True)
+RESPONSES = Route(RESPONSES_PATH, ("max_output_tokens",), True, usage_on_request=False,
+                  check=check_responses_body, pinned=PINNED_FIELDS)
 
 
 def read_body(request: Request) -> dict:
@@ -74,19 +83,17 @@ def check_limits(body: dict, tenant: Tenant, route: Route) -> None:
     if n is not None and n > MAX_N:
         raise InvalidRequest(f"'n' is {n}, above the limit of {MAX_N}", param="n",
                              code="n_too_large")
-    if route is RESPONSES:
-        check_responses_body(body)
+    if route.check is not None:
+        route.check(body)
 
 
 def upstream_body(body: dict, route: Route, tenant: Tenant, *, model: str, cache_salt: str,
                   request_id: str) -> dict:
     forwarded = {key: value for key, value in body.items() if key not in GATEWAY_FIELDS}
-    forwarded.update(model=model, cache_salt=cache_salt, request_id=request_id)
-    if route is RESPONSES:
-        forwarded.update(PINNED_FIELDS)
+    forwarded.update(route.pinned, model=model, cache_salt=cache_salt, request_id=request_id)
     options = body.get("stream_options")
-    if (route is not RESPONSES and body.get("stream") is True
-            and (options is None or isinstance(options, dict))):
+    asks_usage = route.usage_on_request and body.get("stream") is True
+    if asks_usage and (options is None or isinstance(options, dict)):
         forwarded["stream_options"] = {**(options or {}), "include_usage": True}
     present = [field for field in route.token_fields if field in body]
     unbounded = all(body[field] is None for field in present) and (
@@ -102,7 +109,7 @@ def hides_usage(body: dict, route: Route) -> bool:
     ask; a response's usage is part of the response itself."""
     options = body.get("stream_options")
     wants = isinstance(options, dict) and options.get("include_usage") is True
-    return route is not RESPONSES and not wants
+    return route.usage_on_request and not wants
 
 
 def _optional_int(body: dict, field: str) -> int | None:
