@@ -9,9 +9,8 @@ vLLM's usage; the proxy hides it from clients that did not ask).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from types import MappingProxyType
 
 from starlette.requests import Request
 
@@ -37,7 +36,7 @@ class Route:
     # Responses API always reports it, in its final event.
     usage_on_request: bool = True
     check: Callable[[dict], None] | None = None
-    pinned: Mapping[str, object] = MappingProxyType({})
+    pinned: tuple[tuple[str, object], ...] = ()  # (field, value) pairs the gateway sets
 
 
 CHAT = Route("/v1/chat/completions", ("max_completion_tokens", "max_tokens"), True)

@@ -9,8 +9,6 @@ being ignored; and `store` is pinned to false upstream, so no replica keeps anyt
 
 from __future__ import annotations
 
-from types import MappingProxyType
-
 from gateway.errors import InvalidRequest
 
 STATEFUL_FIELDS = {
@@ -21,7 +19,7 @@ STATEFUL_FIELDS = {
     "prompt": "Stored prompts are not available here; send the instructions and 'input' "
               "instead",
 }  # fmt: skip
-PINNED_FIELDS = MappingProxyType({"store": False})
+PINNED_FIELDS = (("store", False),)
 
 
 def check_responses_body(body: dict) -> None:
