@@ -17,7 +17,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.engine import LOGPROB_TOLERANCE
+from tests.engine import LOGPROB_TOLERANCE, unload_adapter
 from tests.gateway_process import (
     ACME_KEY,
     ADMIN_KEY,
@@ -138,6 +138,31 @@ def admin_view(gateway: GatewayProcess) -> dict[str, dict]:
         listing = admin.get("/admin/adapters")
     assert listing.status_code == 200, listing.text
     return {adapter["name"]: adapter for adapter in listing.json()["data"]}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_adapter_unloaded_behind_the_gateways_back_is_loaded_again(real_gateway, engine,
+                                                                      stream):
+    """What another gateway replica sharing the vLLM does when an adapter is removed: the
+    gateway still believes it loaded, vLLM answers 404, the gateway loads it and retries."""
+    body = {"model": "pirate", "messages": MESSAGES, "max_tokens": MAX_TOKENS, "stream": stream}
+    internal = admin_view(real_gateway)["pirate"]["internal_name"]
+    with real_gateway.client(GLOBEX_KEY) as gateway:
+        assert gateway.post("/v1/chat/completions", json=body).status_code == 200
+        unloaded = unload_adapter(engine.base_url, internal)
+        assert unloaded.status_code == 200, unloaded.text
+        response = gateway.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    if stream:
+        *chunks, done = data_events(response.text.splitlines())
+        assert done == "[DONE]"
+        assert "".join(json.loads(chunk)["choices"][0]["delta"].get("content") or ""
+                       for chunk in chunks if json.loads(chunk)["choices"])
+    else:
+        assert response.json()["choices"][0]["message"]["content"]
+    with httpx.Client(base_url=engine.base_url, timeout=60) as direct:
+        served = [card["id"] for card in direct.get("/v1/models").json()["data"]]
+    assert internal in served
 
 
 def test_tenants_cannot_list_use_or_probe_each_others_adapters(real_gateway):

@@ -20,6 +20,7 @@ from tests.gateway_fakes import (
     make_gateway,
     wait_until,
 )
+from tests.test_gateway_metrics import scrape, series
 
 pytestmark = pytest.mark.anyio
 CHAT = "/v1/chat/completions"
@@ -281,15 +282,49 @@ async def test_an_upstream_failure_mid_stream_ends_with_an_error_event_then_done
 
 
 async def test_an_upstream_error_on_a_stream_request_is_relayed_as_json(gateway, vllm):
-    gateway.registry.forget_backend(vllm.url)
+    """A lost adapter is loaded again and the request sent again once, no more: a 404 that
+    outlives the reload reaches the client, scrubbed of the internal name."""
     caps = gateway.registry.get("caps")
     assert (await chat(gateway, model="caps")).status_code == 200
-    vllm.loaded.clear()
+    vllm.refusal = (404, {"error": {"message": f"The model `{caps.internal_name}` does not "
+                                               f"exist.", "type": "NotFoundError",
+                                    "param": "model", "code": 404}})
     response = await chat(gateway, model="caps", stream=True)
     error = response.json()["error"]
     assert response.status_code == 404
     assert error["message"] == "The model `caps` does not exist."
     assert caps.internal_name not in response.text
+    assert len(vllm.received(CHAT)) == 3
+    assert len(vllm.received(LOAD)) == 2
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_adapter_vllm_lost_is_loaded_again_and_the_request_retried(gateway, vllm,
+                                                                           stream):
+    """Another gateway replica sharing the vLLM unloaded the adapter (removed and re-added
+    with the same content keeps its name): this replica's record still says loaded."""
+    caps = gateway.registry.get("caps")
+    assert (await chat(gateway, model="caps")).status_code == 200
+    vllm.loaded.pop(caps.internal_name)
+    response = await chat(gateway, model="caps", stream=stream)
+    assert response.status_code == 200, response.text
+    assert generated_text(response, stream) == "".join(STREAM_TEXT)
+    assert len(vllm.received(LOAD)) == 2 and caps.internal_name in vllm.loaded
+    assert len(vllm.received(CHAT)) == 3
+    samples = await scrape(gateway)
+    assert series(samples, "dora_gateway_requests_total", adapter="caps", status="200") == 2
+    assert series(samples, "dora_gateway_requests_in_flight", tenant="acme") == 0
+    backend = gateway.pool.get(vllm.url)
+    assert (backend.in_flight, dict(backend.active)) == (0, {})
+
+
+def generated_text(response: httpx.Response, stream: bool) -> str:
+    if not stream:
+        return response.json()["choices"][0]["message"]["content"]
+    events = [line[len("data: "):] for line in response.text.split("\n") if line]
+    assert events[-1] == "[DONE]"
+    return "".join(json.loads(event)["choices"][0]["delta"]["content"]
+                   for event in events[:-1])
 
 
 async def test_no_healthy_backend_is_503(gateway, vllm):

@@ -122,7 +122,33 @@ async def _open(target: Target, pool: BackendPool, stream: bool,
 async def _send(target: Target, pool: BackendPool, backend: Backend,
                 stream: bool) -> httpx.Response | None:
     """vLLM's answer, or None if the request did not reach `backend` (the pool has marked it
-    down): it could not be connected to, or it failed while the adapter was loaded there."""
+    down): it could not be connected to, or it failed while the adapter was loaded there.
+    An adapter that vLLM lost behind the gateway's back is loaded again, and the request
+    sent again, once."""
+    response = await _send_once(target, pool, backend, stream)
+    if response is not None and await _adapter_lost(response, target, backend):
+        log.info("request %s: %s no longer has %s; loading it again", target.request_id,
+                 backend.url, target.upstream_model)
+        backend.adapters.discard(target.upstream_model)
+        response = await _send_once(target, pool, backend, stream)
+    return response
+
+
+async def _adapter_lost(response: httpx.Response, target: Target, backend: Backend) -> bool:
+    """Whether vLLM answered that an adapter the gateway loaded on `backend` does not exist.
+
+    Gateway replicas sharing a vLLM each keep their own record of what they loaded there, so
+    one cannot see another unload it (an adapter removed and re-added with the same content
+    keeps its name). Such a 404 comes before any stream starts; it is read to tell."""
+    if (target.adapter is None or response.status_code != 404
+            or target.adapter not in backend.adapters):
+        return False
+    await _read_whole(response)
+    return f"The model `{target.upstream_model}` does not exist" in response.text
+
+
+async def _send_once(target: Target, pool: BackendPool, backend: Backend,
+                     stream: bool) -> httpx.Response | None:
     try:
         if target.prepare is not None:
             await target.prepare(backend)
