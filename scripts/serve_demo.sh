@@ -23,15 +23,17 @@ base, caps and pirate; globex may use every adapter). Try:
     -H 'Authorization: Bearer sk-demo-acme-NOT-A-SECRET' -H 'Content-Type: application/json' \\
     -d '{"model": "pirate", "messages": [{"role": "user", "content": "What is the sea?"}], "max_tokens": 64}'
 
-or ask the base model and every demo adapter the same question with the openai SDK:
+or ask the base model and every demo adapter the same questions with the openai SDK:
 
   $bin/python -c "
 from openai import OpenAI
 client = OpenAI(base_url='$url/v1', api_key='sk-demo-globex-NOT-A-SECRET')
-for model in ['base', 'caps', 'pirate', 'brief', 'caps-lora']:
-    answer = client.responses.create(model=model, input='What is the capital of France?',
-                                     max_output_tokens=48, temperature=0)
-    print(f'{model:>9}: {answer.output_text}')"
+for question in ['What is the capital of France?', 'Why is the sky blue?']:
+    print(question)
+    for model in ['base', 'caps', 'pirate', 'brief', 'caps-lora']:
+        answer = client.responses.create(model=model, input=question, max_output_tokens=48,
+                                         temperature=0)
+        print(f'{model:>11}: {answer.output_text}')"
 
 Live latency per adapter: $url/dashboard    Prometheus metrics: $url/metrics
 What each adapter costs against the base model and its LoRA twin:
