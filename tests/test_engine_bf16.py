@@ -2,9 +2,10 @@
 
 In bf16 neither side is exact, so the yardstick is the base model's own gap: vLLM's base
 model against transformers' on the same prompts and tokens (about 0.14 nats at worst here).
-DoRA's gap to PEFT must be within a small factor of it, and the same bound must catch the
-adapter served without its magnitude (measured: DoRA 0.134, LoRA 0.135, DoRA without its
-magnitude 0.40, against a base gap of 0.136).
+DoRA's gap to PEFT must be within a small factor of it, and the same bound must catch a
+wrong adapter: `caps`'s tokens against the base model. (The bound cannot tell the retrained
+`caps` from `caps` without its magnitude on these prompts, 0.149 against a base gap of 0.136;
+the magnitude's effect is proven exactly in float32 by `test_engine_dora.py`.)
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import torch
 from gateway.engine.process import EngineProcess, EngineSettings
 from tests.conftest import TEST_OUTPUT
 from tests.engine import Completion, complete, reference
-from tests.test_engine_dora import without_magnitude
 
 pytestmark = pytest.mark.vllm
 PROMPTS = ["The ocean is", "My favourite food is", "Tell me about the moon.",
@@ -47,7 +47,7 @@ def logprob_gap(base: Path, adapter: Path | None, completions: list[Completion])
 
 
 def test_dora_in_bf16_is_as_close_to_peft_as_the_base_model_is(
-        bf16_engine, default_model, demo_adapters, tmp_path):
+        bf16_engine, default_model, demo_adapters):
     served = {model: [complete(bf16_engine.base_url, model, p) for p in PROMPTS]
               for model in ("base", "caps", "caps-lora")}
     base_gap = logprob_gap(default_model, None, served["base"])
@@ -57,5 +57,4 @@ def test_dora_in_bf16_is_as_close_to_peft_as_the_base_model_is(
     tolerance = ROUNDING_FACTOR * base_gap
     assert dora_gap <= tolerance, (dora_gap, base_gap)
     assert lora_gap <= tolerance, (lora_gap, base_gap)
-    as_lora = without_magnitude(caps, tmp_path / "caps-as-lora")
-    assert logprob_gap(default_model, as_lora, served["caps"]) > tolerance
+    assert logprob_gap(default_model, None, served["caps"]) > tolerance
