@@ -10,6 +10,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,3 +132,20 @@ def data_events(lines: Iterator[str]) -> Iterator[str]:
     for line in lines:
         if line.startswith("data:"):
             yield line[len("data:"):].strip()
+
+
+def leave_stream_and_wait_for_abort(gateway: GatewayProcess, engine_url: str, path: str,
+                                    body: dict, events: int) -> None:
+    """Stream `body` to `path`, leave after `events` data events while vLLM generates, and
+    require vLLM to stop generating within a minute (the gateway aborted it)."""
+    assert running_requests(engine_url) == 0
+    with gateway.client(GLOBEX_KEY) as globex, globex.stream("POST", path, json=body) as stream:
+        assert stream.status_code == 200
+        received = data_events(stream.iter_lines())
+        for _ in range(events):
+            next(received)
+        assert running_requests(engine_url) == 1
+    deadline = time.monotonic() + 60
+    while running_requests(engine_url) > 0:
+        assert time.monotonic() < deadline, "vLLM kept generating for a client that left"
+        time.sleep(0.5)

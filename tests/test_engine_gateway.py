@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import time
 
 import httpx
 import openai
@@ -25,7 +24,7 @@ from tests.gateway_process import (
     PROMPT,
     GatewayProcess,
     data_events,
-    running_requests,
+    leave_stream_and_wait_for_abort,
 )
 
 pytestmark = pytest.mark.vllm
@@ -228,18 +227,8 @@ def test_admin_adds_and_removes_an_adapter_while_another_request_streams(
 def test_a_client_that_disconnects_aborts_its_generation_in_vllm(real_gateway, engine):
     body = {"model": "caps", "prompt": PROMPT, "max_tokens": 1000, "ignore_eos": True,
             "stream": True}
-    assert running_requests(engine.base_url) == 0
-    with real_gateway.client(GLOBEX_KEY) as globex, globex.stream(
-            "POST", "/v1/completions", json=body) as stream:
-        assert stream.status_code == 200
-        events = data_events(stream.iter_lines())
-        for _ in range(3):
-            next(events)
-        assert running_requests(engine.base_url) == 1
-    deadline = time.monotonic() + 60
-    while running_requests(engine.base_url) > 0:
-        assert time.monotonic() < deadline, "vLLM kept generating for a client that left"
-        time.sleep(0.5)
+    leave_stream_and_wait_for_abort(real_gateway, engine.base_url, "/v1/completions", body,
+                                    events=3)
 
 
 def scraped(gateway: GatewayProcess, name: str, **labels: str) -> float:

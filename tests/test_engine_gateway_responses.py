@@ -8,7 +8,6 @@ both apply the model's chat template to one user message.
 from __future__ import annotations
 
 import asyncio
-import time
 
 import openai
 import pytest
@@ -17,8 +16,7 @@ from tests.gateway_process import (
     ACME_KEY,
     GLOBEX_KEY,
     GatewayProcess,
-    data_events,
-    running_requests,
+    leave_stream_and_wait_for_abort,
 )
 from tests.test_engine_gateway import scraped
 
@@ -130,15 +128,5 @@ def test_metrics_time_the_stream_events_and_count_its_tokens(real_gateway):
 def test_a_client_that_leaves_a_response_stream_aborts_it_in_vllm(real_gateway, engine):
     body = {"model": "caps", "input": QUESTION, "max_output_tokens": 1000, "ignore_eos": True,
             "stream": True}
-    assert running_requests(engine.base_url) == 0
-    with real_gateway.client(GLOBEX_KEY) as globex, globex.stream(
-            "POST", "/v1/responses", json=body) as stream:
-        assert stream.status_code == 200
-        events = data_events(stream.iter_lines())
-        for _ in range(6):
-            next(events)
-        assert running_requests(engine.base_url) == 1
-    deadline = time.monotonic() + 60
-    while running_requests(engine.base_url) > 0:
-        assert time.monotonic() < deadline, "vLLM kept generating for a client that left"
-        time.sleep(0.5)
+    leave_stream_and_wait_for_abort(real_gateway, engine.base_url, "/v1/responses", body,
+                                    events=6)
