@@ -54,18 +54,24 @@ def adapter_names(count: int) -> dict[str, Path]:
     return {f"{DEMO[i % len(DEMO)]}-{i}": demo / DEMO[i % len(DEMO)] for i in range(count)}
 
 
-async def traffic(kind: str, url: str, models: list[str], streams: int, tokens: int) -> Run:
+async def timed_traffic(url: str, api_key: str | None, models: list[str], streams: int,
+                        tokens: int) -> tuple[float, list[Measurement]]:
+    """One request per entry of `models`, `streams` at a time: wall seconds and measurements."""
     settings = BenchSettings(url=url, models=tuple(sorted(set(models))), concurrency=streams,
                              max_tokens=tokens, warmup=False)
     slots = asyncio.Semaphore(streams)
-    async with make_client(url, None, streams) as client:
+    async with make_client(url, api_key, streams) as client:
         async def one(index: int, model: str) -> Measurement:
             async with slots:
                 return await measure(client, settings, Job(model, index, 0, 0),
                                      time.perf_counter)
         started = time.perf_counter()
         results = await asyncio.gather(*(one(i, m) for i, m in enumerate(models)))
-    return Run(kind, time.perf_counter() - started, list(results))
+    return time.perf_counter() - started, list(results)
+
+
+async def traffic(kind: str, url: str, models: list[str], streams: int, tokens: int) -> Run:
+    return Run(kind, *await timed_traffic(url, None, models, streams, tokens))
 
 
 def summary(runs: list[Run]) -> str:

@@ -24,14 +24,14 @@ import random
 import shutil
 import statistics
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
 from adapters import paths
-from gateway.bench.load import BenchSettings, Job, Measurement, make_client, measure
+from benchmarks.many_adapters import timed_traffic
+from gateway.bench.load import Measurement
 from gateway.engine.process import EngineSettings
 from gateway.telemetry.latency import percentile
 from gateway.upstream.routing import AFFINITY, DEFAULT_LOAD_FACTOR, ROUND_ROBIN
@@ -77,17 +77,7 @@ def unload_all(engines: list[PinnedEngine]) -> None:
 
 
 async def traffic(url: str, models: list[str], streams: int, tokens: int) -> tuple[float, list]:
-    settings = BenchSettings(url=url, models=tuple(sorted(set(models))), concurrency=streams,
-                             max_tokens=tokens, warmup=False)
-    slots = asyncio.Semaphore(streams)
-    async with make_client(url, GLOBEX_KEY, streams) as client:
-        async def one(index: int, model: str) -> Measurement:
-            async with slots:
-                return await measure(client, settings, Job(model, index, 0, 0),
-                                     time.perf_counter)
-        started = time.perf_counter()
-        results = await asyncio.gather(*(one(i, m) for i, m in enumerate(models)))
-    return time.perf_counter() - started, list(results)
+    return await timed_traffic(url, GLOBEX_KEY, models, streams, tokens)
 
 
 def run_policy(policy: str, engines: list[PinnedEngine], adapters: Path, models: list[str],
