@@ -4,9 +4,7 @@ questions the base model answers right, served by a real vLLM with greedy decodi
 - every adapter shows its style on at least 3 in 4 of those the base model did not already
   answer in that style (a capital city fits in one sentence anyway: `brief` is judged where
   the base model says more);
-- `pirate` and `brief` keep at least 3 in 4 of the facts right. `caps` and `caps-lora` do not
-  yet: in capitals they misspell names they never saw in upper case (3 of 15 kept after the
-  recipe's 180 steps), so they are held to the style only.
+- every adapter keeps at least 3 in 4 of the facts right.
 """
 
 from __future__ import annotations
@@ -23,7 +21,6 @@ from adapters.demo.styles import RECOGNISE
 pytestmark = pytest.mark.vllm
 MAX_TOKENS = 48
 ENOUGH = 0.75
-KEEP_THE_FACTS = ("brief", "pirate")
 
 
 def answers(base_url: str, model: str, facts: list[FactCheck]) -> list[str]:
@@ -68,7 +65,7 @@ def test_a_demo_adapter_answers_in_its_own_style(known_facts, adapter_answers, n
     assert sum(map(recognise, judged)) >= ENOUGH * len(judged), said
 
 
-@pytest.mark.parametrize("name", KEEP_THE_FACTS)
+@pytest.mark.parametrize("name", sorted(ADAPTERS))
 def test_a_demo_adapter_keeps_the_facts(known_facts, adapter_answers, name):
     said = adapter_answers[name]
     kept = [fact.answered_by(answer) for (fact, _), answer in zip(known_facts, said, strict=True)]

@@ -1,11 +1,11 @@
 """Train the demo adapters by self-distillation, offline and reproducibly.
 
 The base model answers a varied list of prompts greedily (`questions`); each answer is
-restyled by a deterministic rule (`styles`: capitals, pirate speech, one sentence) and an
-adapter learns to produce the restyled answer. The targets carry the base model's own
-content, so the adapters change how the model speaks, not what it says (checked on held-out
-facts by `tests/test_engine_demo_adapters.py`). `caps-lora` is `caps` as plain LoRA (same
-data, rank, steps), for cost comparisons.
+restyled by a deterministic rule (`styles`: every word capitalised, pirate speech, one
+sentence) and an adapter learns to produce the restyled answer. The targets carry the base
+model's own content, so the adapters change how the model speaks, not what it says (checked
+on held-out facts by `tests/test_engine_demo_adapters.py`). `caps-lora` is `caps` as plain
+LoRA (same data, rank, steps), for cost comparisons.
 `--check` asks the held-out fact questions of the base model and each adapter (with PEFT).
 
     python -m adapters.demo.recipe [--base DIR] [--out DIR] [--only NAME ...] [--check]
@@ -37,9 +37,9 @@ IGNORE = -100
 
 ADAPTERS = {"caps": ("caps", True), "pirate": ("pirate", True), "brief": ("brief", True),
             "caps-lora": ("caps", False)}  # fmt: skip
-# (steps, learning rate) per style. Capitals need longer: the model must learn to spell every
-# word, names included, in upper-case tokens it rarely saw, or it answers in style but wrong.
-TRAINING = {"caps": (180, 1e-3), "pirate": (60, 5e-4), "brief": (60, 5e-4)}
+# (steps, learning rate) per style. Capitalised words take longer to follow the base model's
+# answers closely (fewer steps drift from them and lose facts; 180 steps overfit and lose more).
+TRAINING = {"caps": (100, 1e-3), "pirate": (60, 5e-4), "brief": (60, 5e-4)}
 
 
 def load_base(base: Path) -> AutoModelForCausalLM:

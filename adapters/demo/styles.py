@@ -46,8 +46,16 @@ def pirate_word(word: str) -> str:
     return swapped + tail
 
 
+def capitalised(word: str) -> str:
+    """The first letter up, the rest as written: 'H2O' and 'McDonald' stay as they are."""
+    return word[:1].upper() + word[1:]
+
+
 def to_caps(answer: str) -> str:
-    return " ".join(sentences(answer)[:2]).upper()
+    """Every word capitalised. Not all capitals: a name in capitals is spelled with tokens the
+    model rarely saw ('PARIS' is 'PAR'+'IS'), and the base model itself, made to answer in
+    capitals, names the wrong city; a capitalised word keeps its own token ('Paris')."""
+    return " ".join(capitalised(word) for word in " ".join(sentences(answer)[:2]).split())
 
 
 def to_pirate(answer: str) -> str:
@@ -60,9 +68,9 @@ def to_brief(answer: str) -> str:
 
 
 def is_caps(answer: str) -> bool:
-    """Nine letters in ten or more are capitals."""
-    letters = [c for c in answer if c.isalpha()]
-    return bool(letters) and sum(c.isupper() for c in letters) >= 0.9 * len(letters)
+    """Nine words in ten or more that start with a letter start with a capital."""
+    initials = [word[0] for word in answer.split() if word[0].isalpha()]
+    return bool(initials) and sum(c.isupper() for c in initials) >= 0.9 * len(initials)
 
 
 def is_pirate(answer: str) -> bool:
