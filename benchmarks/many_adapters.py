@@ -74,15 +74,34 @@ async def traffic(kind: str, url: str, models: list[str], streams: int, tokens: 
     return Run(kind, *await timed_traffic(url, None, models, streams, tokens))
 
 
+@dataclass(frozen=True)
+class Figures:
+    """What a table row reports for runs of one kind; latencies in ms, over every run's
+    answered requests; throughput is the median run's."""
+
+    answered: int
+    failed: int
+    tokens_per_s: float
+    ttft_p50: float
+    ttft_p95: float
+    tpot_p50: float
+    tpot_p95: float
+
+    @classmethod
+    def of(cls, runs: list[Run]) -> Figures:
+        ok = [m for run in runs for m in run.measurements if m.ok]
+        ttft = [1e3 * m.ttft_s for m in ok]
+        tpot = [1e3 * m.tpot_s for m in ok if m.tpot_s is not None]
+        return cls(len(ok), sum(not m.ok for run in runs for m in run.measurements),
+                   statistics.median(run.tokens_per_s for run in runs),
+                   percentile(ttft, 50), percentile(ttft, 95),
+                   percentile(tpot, 50), percentile(tpot, 95))
+
+
 def summary(runs: list[Run]) -> str:
-    ok = [m for run in runs for m in run.measurements if m.ok]
-    failed = sum(not m.ok for run in runs for m in run.measurements)
-    ttft = [1e3 * m.ttft_s for m in ok]
-    tpot = [1e3 * m.tpot_s for m in ok if m.tpot_s is not None]
-    throughput = statistics.median(run.tokens_per_s for run in runs)
-    return (f"| {runs[0].kind} | {len(ok)} | {failed} | {throughput:.1f} | "
-            f"{percentile(ttft, 50):.0f} | {percentile(ttft, 95):.0f} | "
-            f"{percentile(tpot, 50):.1f} | {percentile(tpot, 95):.1f} |")
+    f = Figures.of(runs)
+    return (f"| {runs[0].kind} | {f.answered} | {f.failed} | {f.tokens_per_s:.1f} | "
+            f"{f.ttft_p50:.0f} | {f.ttft_p95:.0f} | {f.tpot_p50:.1f} | {f.tpot_p95:.1f} |")
 
 
 def cold_load(url: str, names: dict[str, Path], tokens: int) -> None:

@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import random
 import shutil
-import statistics
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,36 +29,27 @@ from pathlib import Path
 import httpx
 
 from adapters import paths
-from benchmarks.many_adapters import timed_traffic
-from gateway.bench.load import Measurement
+from benchmarks.many_adapters import Figures, Run, adapter_names, timed_traffic
 from gateway.engine.process import EngineSettings
-from gateway.telemetry.latency import percentile
 from gateway.upstream.routing import AFFINITY, DEFAULT_LOAD_FACTOR, ROUND_ROBIN
 from tests.engine import unload_adapter
 from tests.gateway_process import ADMIN_KEY, GLOBEX_KEY, GatewayProcess, write_config
 from tests.replicas import PinnedEngine, running_replicas
 
-DEMO = ("caps", "pirate", "brief", "caps-lora")
 LOGS = Path("bench-results")
 
 
 @dataclass
-class Run:
-    policy: str
-    wall_s: float
-    loads: int
-    measurements: list[Measurement]
+class PolicyRun(Run):
+    """A run under one routing policy (`kind`), with the adapter loads it made."""
 
-    @property
-    def tokens_per_s(self) -> float:
-        return sum(m.completion_tokens for m in self.measurements if m.ok) / self.wall_s
+    loads: int = 0
 
 
 def adapters_dir(count: int, root: Path) -> Path:
-    """`count` adapters named `DEMO-i`, copies of the demo adapters in turn."""
-    demo = paths.demo_adapters_dir()
-    for i in range(count):
-        shutil.copytree(demo / DEMO[i % len(DEMO)], root / f"{DEMO[i % len(DEMO)]}-{i}")
+    """`many_adapters.adapter_names(count)`, each a copy of its demo adapter under `root`."""
+    for name, source in adapter_names(count).items():
+        shutil.copytree(source, root / name)
     return root
 
 
@@ -81,7 +71,7 @@ async def traffic(url: str, models: list[str], streams: int, tokens: int) -> tup
 
 
 def run_policy(policy: str, engines: list[PinnedEngine], adapters: Path, models: list[str],
-               args: argparse.Namespace, work: Path) -> Run:
+               args: argparse.Namespace, work: Path) -> PolicyRun:
     unload_all(engines)
     config = write_config(work / f"{policy}.toml", model=paths.default_model_dir(),
                           adapters_dir=adapters, roots=[],
@@ -100,19 +90,14 @@ def run_policy(policy: str, engines: list[PinnedEngine], adapters: Path, models:
     finally:
         gateway.stop()
     loads = sum(len(adapter["loaded_backends"]) for adapter in listed)
-    return Run(policy, wall_s, loads, measurements)
+    return PolicyRun(policy, wall_s, measurements, loads)
 
 
-def summary(runs: list[Run]) -> str:
-    ok = [m for run in runs for m in run.measurements if m.ok]
-    failed = sum(not m.ok for run in runs for m in run.measurements)
-    ttft = [1e3 * m.ttft_s for m in ok]
-    tpot = [1e3 * m.tpot_s for m in ok if m.tpot_s is not None]
+def summary(runs: list[PolicyRun]) -> str:
+    f = Figures.of(runs)
     loads = "/".join(str(run.loads) for run in runs)
-    throughput = statistics.median(run.tokens_per_s for run in runs)
-    return (f"| {runs[0].policy} | {len(ok)} | {failed} | {loads} | {throughput:.1f} | "
-            f"{percentile(ttft, 50):.0f} | {percentile(ttft, 95):.0f} | "
-            f"{percentile(tpot, 50):.1f} |")
+    return (f"| {runs[0].kind} | {f.answered} | {f.failed} | {loads} | {f.tokens_per_s:.1f} | "
+            f"{f.ttft_p50:.0f} | {f.ttft_p95:.0f} | {f.tpot_p50:.1f} |")
 
 
 def main() -> None:
@@ -140,7 +125,7 @@ def main() -> None:
         names = sorted(path.name for path in adapters.iterdir())
         models = zipf_traffic(random.Random(1).sample(names, len(names)), args.requests,
                               args.zipf)
-        runs: dict[str, list[Run]] = {AFFINITY: [], ROUND_ROBIN: []}
+        runs: dict[str, list[PolicyRun]] = {AFFINITY: [], ROUND_ROBIN: []}
         for round_ in range(args.rounds):
             order = list(runs) if round_ % 2 == 0 else list(runs)[::-1]
             for policy in order:
