@@ -3,9 +3,10 @@
 In bf16 neither side is exact, so the yardstick is the base model's own gap: vLLM's base
 model against transformers' on the same prompts and tokens (about 0.14 nats at worst here).
 DoRA's gap to PEFT must be within a small factor of it, and the same bound must catch a
-wrong adapter: `caps`'s tokens against the base model. (The bound cannot tell the retrained
-`caps` from `caps` without its magnitude on these prompts, 0.149 against a base gap of 0.136;
-the magnitude's effect is proven exactly in float32 by `test_engine_dora.py`.)
+wrong adapter: `caps`'s tokens against the base model. (Dropping the magnitude is not the
+control: for the all-capitals `caps` of an earlier recipe the bound could not tell it apart
+on these prompts, 0.149 against a base gap of 0.136; the magnitude's effect is proven
+exactly in float32 by `test_engine_dora.py`.)
 """
 
 from __future__ import annotations
