@@ -78,3 +78,21 @@ def test_lora_on_lm_head_is_refused_when_compiled(compiled_engine, default_model
     response = load_adapter(compiled_engine.base_url, "head-lora", adapter)
     assert response.status_code >= 400
     assert "not supported by vLLM's compiled mode on the CPU" in response.text
+
+
+def test_a_second_start_loads_the_compiled_model_and_answers_as_peft(
+        compiled_engine, default_model, demo_adapters):
+    """vLLM saved the model `compiled_engine` compiled (or loaded); the same engine started
+    again must load it rather than compile again (vLLM 0.32 alone fails that load on the
+    CPU), and the loaded graph must still read the live adapter weights and batch plan."""
+    log_path = TEST_OUTPUT / "vllm-compiled-again.log"
+    with EngineProcess(compiled_engine.settings, log_path=log_path) as again, \
+            ThreadPoolExecutor(len(MODELS)) as pool:
+        completions = list(pool.map(lambda model: complete(again.base_url, model, PROMPTS[1]),
+                                    MODELS))
+    log = log_path.read_text(errors="replace")
+    assert "Directly load AOT compilation" in log and "Compiling model again" not in log
+    for model, completion in zip(MODELS, completions, strict=True):
+        gap = max_logprob_gap(default_model, adapter_of(demo_adapters, model), completion,
+                              label=model)
+        assert gap < LOGPROB_TOLERANCE, (model, gap)

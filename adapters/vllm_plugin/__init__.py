@@ -5,7 +5,8 @@ patches, once per process, vLLM's LoRA loading (`loading`), slot management (`ma
 linear LoRA layers (`layers`, with the grouped CPU LoRA path of `cpu_lora` and the batch
 plan of `batch_plan`); it also fixes the stock CPU LoRA ops for base-model tokens
 (`cpu_punica_fix`), skips the vocabulary-sized LoRA step no adapter uses (`vocab_lora`),
-makes runtime unloading free the slot (`unload`) and, on request, lets the CPU engine
+makes runtime unloading free the slot (`unload`), lets vLLM load the model it compiled
+before instead of compiling it again (`compile_cache`) and, on request, lets the CPU engine
 compile with LoRA on (`compile_mode`). It patches only the vLLM release it
 was written against: on any other, it patches nothing and says so, and DoRA adapters stay
 refused by vLLM itself (fail closed).
@@ -35,6 +36,7 @@ def register() -> None:
         logger.error("dora-gateway's DoRA plugin supports vLLM %s only, found %s: not patching;"
                      " DoRA adapters will be refused.", SUPPORTED_VLLM, version)
         return
+    from adapters.vllm_plugin.compile_cache import patch_compile_cache_load
     from adapters.vllm_plugin.compile_mode import patch_cpu_compile_mode
     from adapters.vllm_plugin.cpu_punica_fix import patch_cpu_punica
     from adapters.vllm_plugin.layers import patch_layers
@@ -43,6 +45,7 @@ def register() -> None:
     from adapters.vllm_plugin.unload import patch_unload
     from adapters.vllm_plugin.vocab_lora import patch_vocab_lora
 
+    patch_compile_cache_load()
     patch_cpu_compile_mode()
     patch_cpu_punica()
     patch_layers()
