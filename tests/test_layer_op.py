@@ -108,3 +108,16 @@ def test_the_dora_slot_differs_from_its_lora_twin(block):
         x = torch.randn(1, SHAPES.hidden, generator=torch.Generator().manual_seed(2))
         outputs[slot] = block.layers["qkv_proj"](x)[0]
     assert (outputs[LORA_SLOT] - outputs[DORA_SLOT]).abs().max() > 1e-3
+
+
+def test_each_slot_reads_its_rank_only_and_its_b_t_in_one_block(block):
+    """The eager path's per-slot views cover the adapter's rank, not the padded slot, and
+    each B^T is contiguous (the expand reads it cold every step; strided it cost more)."""
+    block, _ = block
+    for name, layer in block.layers.items():
+        rows = RANK * len(layer.lora_a_stacked)
+        for slot in (LORA_SLOT, DORA_SLOT):
+            a_t, b_t = layer.dora_slot_weights.a_t[slot], layer.dora_slot_weights.b_t[slot]
+            assert a_t.shape == (layer.input_size, rows), name
+            assert b_t.shape == (rows, sum(layer.output_slices)), name
+            assert b_t.is_contiguous(), name

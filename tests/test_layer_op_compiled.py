@@ -86,7 +86,7 @@ def read_tensors(block) -> dict[str, int]:
     addresses = {f"plan.{name}": getattr(plan, name).data_ptr()
                  for name in ("rows", "order")}
     for name, layer in block.layers.items():
-        for attribute in ("fused_a", "fused_b", "dora_scales"):
+        for attribute in ("slot_a", "slot_bt", "dora_scales"):
             addresses[f"{name}.{attribute}"] = getattr(layer, attribute).data_ptr()
         for i, view in enumerate((*layer.lora_a_stacked, *layer.lora_b_stacked)):
             addresses[f"{name}.stacked{i}"] = view.untyped_storage().data_ptr()
@@ -96,7 +96,7 @@ def read_tensors(block) -> dict[str, int]:
 def test_read_tensors_keep_their_storage_across_batches_and_swaps(vllm_context):
     block, _ = filled_block(seed=4, max_tokens=16)
     before = read_tensors(block)
-    assert before["qkv_proj.stacked0"] == before["qkv_proj.fused_a"]
+    assert before["qkv_proj.stacked0"] == before["qkv_proj.slot_a"]
     generator = torch.Generator().manual_seed(9)
     for batch in ALL_BATCHES.values():
         select_batch(block.wrapper, batch)

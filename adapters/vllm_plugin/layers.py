@@ -36,7 +36,7 @@ from vllm.platforms import current_platform
 from vllm.utils.import_utils import resolve_obj_by_qualname
 
 from adapters.vllm_plugin.batch_plan import BatchPlan
-from adapters.vllm_plugin.cpu_lora import apply_lora, fuse_lora_weights, register_op, use_rank
+from adapters.vllm_plugin.cpu_lora import apply_lora, join_lora_weights, register_op, use_rank
 
 PLAN_ATTRIBUTE = "dora_plan"  # on the punica wrapper that all of a model's layers share
 # Exactly these classes: their subclasses (fully sharded LoRA, variable slices) split the
@@ -189,7 +189,7 @@ def _wrap_create_lora_weights(cls: type) -> None:
         allocate_scales(self, max_loras)
         self.dora_cpu_lora = uses_cpu_lora(self)
         if self.dora_cpu_lora:
-            fuse_lora_weights(self)
+            join_lora_weights(self)
 
     cls.create_lora_weights = create_lora_weights
 
