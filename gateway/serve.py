@@ -32,6 +32,10 @@ from gateway.upstream.pool import BackendPool
 from gateway.upstream.routing import RoutingPolicy
 
 log = logging.getLogger(__name__)
+# How long an idle client connection stays open: longer than the idle timeouts of the proxies
+# and load balancers usually in front (60 s for many), as nginx's 75 s is; with uvicorn's
+# 5 s, a proxy that reused a connection the gateway was closing got no answer.
+KEEP_ALIVE_S = 75
 
 
 def serve(config: GatewayConfig) -> None:
@@ -81,7 +85,8 @@ async def _serve(config: GatewayConfig, base: BaseCheckpoint, database: Registry
             supervisor = EngineSupervisor(local, pool, registry, eager=config.adapters.eager)
             supervising = asyncio.create_task(supervisor.run())
         server = DrainingServer(uvicorn.Config(app, host=config.server.host,
-                                               port=config.server.port),
+                                               port=config.server.port,
+                                               timeout_keep_alive=KEEP_ALIVE_S),
                                 app.state.shutdown_gate, config.server.shutdown_grace_seconds)
         await server.serve()
     finally:

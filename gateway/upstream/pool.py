@@ -31,6 +31,12 @@ from gateway.upstream.vllm_api import HEALTH_PATH, METRICS_PATH, requests_held
 HEALTH_TIMEOUT_S = 5.0
 # Non-streaming generations on CPU can take minutes; a stream's read timeout is per chunk.
 CLIENT_TIMEOUT = httpx.Timeout(connect=5.0, read=600.0, write=60.0, pool=60.0)
+# httpx's default limits, except that a connection idle for 2 s is not reused: vLLM closes
+# one idle for 5 s (VLLM_HTTP_TIMEOUT_KEEP_ALIVE), and httpx would reuse it for up to 5 s. A
+# request sent on a connection at the moment vLLM closes it fails without an answer, and
+# would mark a healthy replica down.
+CLIENT_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20,
+                             keepalive_expiry=2.0)
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +95,7 @@ class BackendPool:
         self._table = {url: Backend(url) for url in self._static}
         self._discovery = Discovery(names, resolver) if names else None
         self.routing = routing or RoutingPolicy()
-        self.client = client or httpx.AsyncClient(timeout=CLIENT_TIMEOUT)
+        self.client = client or httpx.AsyncClient(timeout=CLIENT_TIMEOUT, limits=CLIENT_LIMITS)
         self._turn = 0
         self._down_listeners: list[Callable[[str], None]] = []
 
