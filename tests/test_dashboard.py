@@ -372,19 +372,21 @@ def test_overhead_colours_and_markup_free_names(fake_gateway, browser):
     payload = {"window_seconds": 90, "generated_at": time.time(), "adapters": [
         _row("base", "base", ttft=(100.0, 100.0), tpot=(10.0, 10.0), overhead=(0.0, 0.0)),
         _row(hostile, "dora", ttft=(101.9, 102.0), tpot=(9.0, 9.0), overhead=(1.9, -10.0)),
+        _row("edge", "dora", ttft=(102.04, 102.1), tpot=(9.796, 9.8), overhead=(2.04, -2.04)),
         _row("slow", "dora", ttft=(150.0, 150.0), tpot=(10.25, 11.0), overhead=(50.0, 2.5)),
     ]}
     with dashboard(browser, fake_gateway.url) as page:
         page.route(fake_gateway.url + "/dashboard/data",
                    lambda route: route.fulfill(json=payload))
-        expect(page.locator("#rows tr")).to_have_count(3, timeout=POLLS_MS)
+        expect(page.locator("#rows tr")).to_have_count(4, timeout=POLLS_MS)
         levels = page.eval_on_selector_all(
             "#rows td.pct", "cells => cells.map(c => [c.innerText, c.dataset.level])")
         assert levels == [["+1.9%", "neutral"], [f"{MINUS}10.0%", "good"],
+                          ["+2.0%", "neutral"], [f"{MINUS}2.0%", "neutral"],  # as shown
                           ["+50.0%", "warn"], ["+2.5%", "warn"]]
         colours = page.eval_on_selector_all(
             "#rows td.pct .pill", "pills => pills.map(p => getComputedStyle(p).color)")
-        assert colours[0] != colours[2] and colours[1] != colours[2]
+        assert colours[0] == colours[2] == colours[3] != colours[4] != colours[1]
         # The name is text: the same string back, no element made from it, no script run.
         assert page.locator("#rows th").nth(1).inner_text() == hostile
         assert page.locator("#rows tr").nth(1).get_attribute("data-adapter") == hostile

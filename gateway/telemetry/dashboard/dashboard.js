@@ -56,6 +56,12 @@
     return (pct > 0 ? "+" : MINUS) + text + "%";
   }
 
+  /** The number a `formatPct` text shows: a figure is coloured by what the reader sees
+   * ("−2.0%" is within ±2%, even when the unrounded value is just beyond it). */
+  function shownPct(text) {
+    return Number(text.replace(MINUS, "-").replace("%", ""));
+  }
+
   function pctLevel(pct) {
     if (pct > NEUTRAL_PCT) return "warn";
     if (pct < -NEUTRAL_PCT) return "good";
@@ -113,7 +119,7 @@
       td.title = "Needs streamed requests for both this adapter and the base model";
       return td;
     }
-    const level = pctLevel(pct);
+    const level = pctLevel(shownPct(text));
     const td = pillCell(col, text, "num pct " + level);
     td.dataset.level = level;
     return td;
