@@ -58,7 +58,9 @@ def create_app(config: GatewayConfig, registry: AdapterRegistry, backends: Backe
     telemetry = Telemetry(config.metrics.window_seconds)
     telemetry.watch(access.in_flight, backends.health, registry.entries)
     registry.add_observer(telemetry)
-    app.include_router(openai_router(access, registry, backends, telemetry))
+    app.state.shutdown_gate = ShutdownGate()
+    app.include_router(openai_router(access, registry, backends, telemetry,
+                                     app.state.shutdown_gate.cuttable))
     app.include_router(admin_router(access, registry, backends, eager=eager))
     app.include_router(health_router(backends))
     app.include_router(observability_router(access, telemetry))
@@ -74,7 +76,6 @@ def create_app(config: GatewayConfig, registry: AdapterRegistry, backends: Backe
                        timeout_s=config.server.stream_write_timeout_seconds)
     app.add_middleware(JsonBodyMiddleware)
     app.add_middleware(BodyLimitMiddleware, limit_for=body_limit)
-    app.state.shutdown_gate = ShutdownGate()
     app.add_middleware(ShutdownGateMiddleware, gate=app.state.shutdown_gate)
     app.add_middleware(RequestIdMiddleware)
     return app

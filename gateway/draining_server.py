@@ -3,9 +3,11 @@
 On the first SIGTERM or SIGINT the gateway keeps listening but closes its `ShutdownGate`:
 new requests get 503 `shutting_down` with `Retry-After` (and `/health` says 503, so load
 balancers stop sending), while requests in flight, streams included, run on. Once none is in
-flight, or `grace_s` has passed, uvicorn stops as usual (what still runs then is cancelled:
-a stream's upstream is closed, so vLLM aborts its generation), and `serve` then stops the
-local vLLM. A second SIGINT stops at once.
+flight, or `grace_s` has passed, uvicorn stops as usual: what still waits for vLLM is cut (a
+stream ends with a `shutting_down` error event, a plain request is answered 503
+`shutting_down`) and anything else still running is cancelled; either way the upstream is
+closed, so vLLM aborts its generation. `serve` then stops the local vLLM. A second SIGINT
+stops at once.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import uvicorn
 
 from gateway.api.shutdown_gate import ShutdownGate
 
-# What uvicorn still waits, after the drain, for answers to finish before cancelling them.
+# What uvicorn still waits, after the drain, for answers to finish (cut requests to send
+# their last event or their 503) before cancelling them.
 FINAL_WAIT_S = 1
 
 log = logging.getLogger(__name__)
@@ -49,5 +52,6 @@ class DrainingServer(uvicorn.Server):
             elif time.monotonic() >= self._drain_deadline:
                 log.warning("the grace period ended with %d request(s) in flight; stopping",
                             self._gate.in_flight)
+                self._gate.cut_waits()
                 self.should_exit = True
         return await super().on_tick(counter)

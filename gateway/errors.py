@@ -154,8 +154,8 @@ class RegistryUnavailable(GatewayError):
 
 
 class ShuttingDown(BackendUnavailable):
-    """A request that arrived after the gateway began to stop: another replica, or this one
-    once it is back, can serve it."""
+    """A request that arrived after the gateway began to stop, or still waited for vLLM when
+    its grace period ended: another replica, or this one once it is back, can serve it."""
 
     code = "shutting_down"
 
@@ -164,8 +164,13 @@ class ShuttingDown(BackendUnavailable):
 
 
 class BackendUnreachable(BackendUnavailable):
-    """The backend could not be connected to, so the request never reached it: another
-    backend may safely be tried."""
+    """The backend gave no answer: it could not be connected to, so the request never
+    reached it (or `BackendDropped`). Another backend may safely be tried."""
+
+
+class BackendDropped(BackendUnreachable):
+    """The backend closed the connection before answering (it died, say): nothing reached
+    the client, and the generation stopped with the connection."""
 
 
 def error_body(message: str, type_: str, *, code: str | None = None,

@@ -8,7 +8,7 @@ url="http://127.0.0.1:$port"
 "$bin/dora-gateway" serve --config deploy/demo-config.toml --port "$port" &
 gateway=$!
 trap 'kill -TERM "$gateway" 2>/dev/null || true; wait "$gateway"; exit' INT TERM
-echo "starting vLLM and the gateway on $url (one to two minutes on CPU: vLLM compiles the model) ..."
+echo "starting vLLM and the gateway on $url (1-2 minutes on CPU the first time: vLLM compiles the model; later starts load it) ..."
 until "$bin/python" -c "import httpx, sys; sys.exit(httpx.get('$url/health').status_code != 200)" \
     2>/dev/null; do
   kill -0 "$gateway" 2>/dev/null || { wait "$gateway"; exit; }

@@ -46,19 +46,23 @@ class Recorded:
 
 
 class FakeStream(httpx.AsyncByteStream):
-    """SSE bytes in the given chunks, then optionally a transport error or a hang (a
-    generation still running)."""
+    """SSE bytes in the given chunks, then optionally a wait for `linger` (a backend slow to
+    end the response after its last event), a transport error or a hang (a generation still
+    running)."""
 
     def __init__(self, chunks: list[bytes], *, error: Exception | None = None,
-                 hang: bool = False) -> None:
+                 hang: bool = False, linger: asyncio.Event | None = None) -> None:
         self.chunks = chunks
         self.error = error
         self.hang = hang
+        self.linger = linger
         self.closed = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         for chunk in self.chunks:
             yield chunk
+        if self.linger is not None:
+            await self.linger.wait()
         if self.error is not None:
             raise self.error
         if self.hang:
@@ -75,10 +79,18 @@ class FakeVllm:
     stream_error: Exception | None = None
     hang_streams: bool = False
     hang_completions: bool = False
+    # Set: every stream's response stays open after its last event until this is set.
+    linger_streams: asyncio.Event | None = None
     # (status, JSON body) every completion gets instead of a generation: vLLM refusing it.
     refusal: tuple[int, object] | None = None
     # An event a stream carries after its first chunk, then `[DONE]`: vLLM failing mid-stream.
     stream_event: dict | None = None
+    # Set: a completion closes the connection without an answer (the server died on it).
+    drops_completions: bool = False
+    # Set: each completion's answer, decided as it arrives, waits for a release of this.
+    answer_gate: asyncio.Semaphore | None = None
+    # Set: each adapter load waits until this is set.
+    load_gate: asyncio.Event | None = None
     cancelled: int = 0
     load_error: str | None = None
     dies_on_load: bool = False
@@ -98,6 +110,8 @@ class FakeVllm:
         if path == "/health":
             return httpx.Response(200)
         if path == "/v1/load_lora_adapter":
+            if self.load_gate is not None:
+                await self.load_gate.wait()
             return self._load(body)
         if path == "/v1/unload_lora_adapter":
             if self.loaded.pop(body["lora_name"], None) is None:
@@ -106,9 +120,15 @@ class FakeVllm:
         if path in ("/v1/chat/completions", "/v1/completions", "/v1/responses"):
             if self.hang_completions and not body.get("stream"):
                 await self._hang()
+            if self.drops_completions:
+                raise httpx.RemoteProtocolError(
+                    "Server disconnected without sending a response.", request=request)
             if path == "/v1/responses":
                 return self._respond(body, request.headers["x-request-id"])
-            return self._complete(path, body, request.headers["x-request-id"])
+            answer = self._complete(path, body, request.headers["x-request-id"])
+            if self.answer_gate is not None:
+                await self.answer_gate.acquire()
+            return answer
         return _vllm_error(404, "Not Found")
 
     async def _hang(self) -> None:
@@ -147,7 +167,8 @@ class FakeVllm:
             if self.stream_event is not None:
                 event = b"data: " + json.dumps(self.stream_event).encode() + b"\n\n"
                 chunks = [chunks[0].partition(b"\n\n")[0] + b"\n\n", event, chunks[-1]]
-            stream = FakeStream(chunks, error=self.stream_error, hang=self.hang_streams)
+            stream = FakeStream(chunks, error=self.stream_error, hang=self.hang_streams,
+                                linger=self.linger_streams)
             self.streams.append(stream)
             return httpx.Response(200, headers={"content-type": "text/event-stream"},
                                   stream=stream)

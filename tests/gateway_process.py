@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,6 +125,22 @@ def running_requests(engine_url: str) -> float:
     metrics = httpx.get(engine_url + "/metrics", timeout=30).text
     return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
                if line.startswith("vllm:num_requests_running"))
+
+
+def poll_until(condition: Callable[[], bool], failure: str, timeout_s: float = 60) -> None:
+    """Poll until `condition` holds; fail with `failure` (rather than hang) after `timeout_s`.
+    A probe that times out (a server busy on a loaded machine) counts as not yet."""
+    deadline = time.monotonic() + timeout_s
+    while not _holds(condition):
+        assert time.monotonic() < deadline, failure
+        time.sleep(0.1)
+
+
+def _holds(condition: Callable[[], bool]) -> bool:
+    try:
+        return condition()
+    except httpx.TimeoutException:
+        return False
 
 
 def data_events(lines: Iterator[str]) -> Iterator[str]:

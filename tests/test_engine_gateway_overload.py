@@ -8,9 +8,8 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import httpx
 import psutil
@@ -22,6 +21,7 @@ from tests.gateway_process import (
     GLOBEX_KEY,
     PROMPT,
     GatewayProcess,
+    poll_until,
     running_requests,
     write_config,
 )
@@ -49,22 +49,6 @@ def in_flight(gateway: GatewayProcess) -> float:
     metrics = httpx.get(gateway.url + "/metrics", timeout=30).text
     return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
                if line.startswith("dora_gateway_requests_in_flight{"))
-
-
-def wait_for(condition: Callable[[], bool], timeout_s: float = 300) -> None:
-    """Poll until `condition` holds; fail (rather than hang) after `timeout_s`. A probe that
-    times out (a server busy on a loaded machine) counts as not yet."""
-    deadline = time.monotonic() + timeout_s
-    while not _holds(condition):
-        assert time.monotonic() < deadline, "the condition never held"
-        time.sleep(0.5)
-
-
-def _holds(condition: Callable[[], bool]) -> bool:
-    try:
-        return condition()
-    except httpx.TimeoutException:
-        return False
 
 
 async def burst(gateway: GatewayProcess) -> list[httpx.Response]:
@@ -104,7 +88,8 @@ def test_a_burst_of_ten_times_the_limits_gets_200s_and_429s(gateway):
         elif response.headers["content-type"].startswith("text/event-stream"):
             assert response.text.rstrip().endswith("data: [DONE]")
     assert rss_after - rss_before < BURST_RSS_GROWTH_BYTES
-    wait_for(lambda: in_flight(gateway) == 0)
+    poll_until(lambda: in_flight(gateway) == 0, "the gateway still counts requests in flight",
+               300)
 
 
 def never_reading_stream(gateway: GatewayProcess) -> socket.socket:
@@ -126,12 +111,13 @@ def never_reading_stream(gateway: GatewayProcess) -> socket.socket:
 def test_a_client_that_never_reads_is_cut_off_and_its_generation_aborted(gateway, engine):
     client = never_reading_stream(gateway)
     try:
-        wait_for(lambda: running_requests(engine.base_url) == 8)
+        poll_until(lambda: running_requests(engine.base_url) == 8, "vLLM never ran 8 requests", 300)
         with gateway.client(ACME_KEY) as other:  # another tenant meanwhile
             served = other.post("/v1/completions", json={"model": "base", "prompt": PROMPT,
                                                          "max_tokens": 4})
-        wait_for(lambda: running_requests(engine.base_url) == 0)
-        wait_for(lambda: in_flight(gateway) == 0)
+        poll_until(lambda: running_requests(engine.base_url) == 0, "vLLM still runs requests", 300)
+        poll_until(lambda: in_flight(gateway) == 0, "the gateway still counts requests in flight",
+               300)
         client.settimeout(60)
         while client.recv(1 << 20):  # what the buffers held, then the gateway's close
             pass

@@ -35,10 +35,11 @@ from tests.gateway_process import (
     GLOBEX_KEY,
     PROMPT,
     GatewayProcess,
+    poll_until,
     running_requests,
     write_config,
 )
-from tests.test_engine_gateway_overload import in_flight, wait_for
+from tests.test_engine_gateway_overload import in_flight
 
 pytestmark = pytest.mark.vllm
 SOAK_S = float(os.environ.get("DORA_GATEWAY_SOAK_SECONDS", "150"))
@@ -211,8 +212,9 @@ def test_soak_mixed_traffic_loses_nothing_and_stays_flat(gateway, engine):
         await asyncio.gather(traffic(gateway, until, tally), sample(process, until, samples))
 
     asyncio.run(run())
-    wait_for(lambda: in_flight(gateway) == 0)
-    wait_for(lambda: running_requests(engine.base_url) == 0)
+    poll_until(lambda: in_flight(gateway) == 0, "the gateway still counts requests in flight",
+               300)
+    poll_until(lambda: running_requests(engine.base_url) == 0, "vLLM still runs requests", 300)
     fds_after = process.num_fds()
     warm = [sample for sample in samples if sample[0] >= SOAK_S * WARM_UP_FRACTION]
     figures = {"seconds": SOAK_S, "workers": WORKERS,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import random
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,6 +30,7 @@ from tests.gateway_process import (
     PROMPT,
     GatewayProcess,
     data_events,
+    poll_until,
     write_config,
 )
 from tests.replicas import HOSTS, PinnedEngine, running_replicas
@@ -117,10 +117,8 @@ def test_a_saturated_replica_spills_its_hot_adapter_to_the_other(gateway, replic
 
 def wait_idle(replicas: list[PinnedEngine], timeout_s: float = 60) -> None:
     """Until vLLM holds no request (closed streams are aborted a moment later)."""
-    deadline = time.monotonic() + timeout_s
-    while any(held(engine) for engine in replicas):
-        assert time.monotonic() < deadline, "the replicas still hold aborted requests"
-        time.sleep(0.2)
+    poll_until(lambda: not any(held(engine) for engine in replicas),
+               "the replicas still hold aborted requests", timeout_s)
 
 
 @pytest.mark.anyio
@@ -162,12 +160,22 @@ async def test_discovery_finds_both_replicas_behind_one_name(replicas, default_m
 
 
 def test_a_killed_replica_leaves_at_once_and_its_adapters_load_on_the_other(gateway, replicas):
+    """The kill comes while the replica generates a plain (non-streamed) answer: that request
+    is answered by the other replica."""
     before = placements(gateway)
     victim = next(engine for engine in replicas
                   if any(urls == [engine.base_url] for urls in before.values()))
     [survivor] = [engine for engine in replicas if engine is not victim]
     lost = sorted(name for name, urls in before.items() if urls == [victim.base_url])
-    victim.kill()
+    body = {"model": lost[0], "prompt": PROMPT, "max_tokens": 64, "ignore_eos": True,
+            "temperature": 0}
+    with ThreadPoolExecutor(1) as pool, gateway.client(GLOBEX_KEY) as client:
+        in_flight = pool.submit(client.post, "/v1/completions", json=body)
+        poll_until(lambda: held(victim) == 1, "vLLM does not hold the request")
+        victim.kill()
+        dropped = in_flight.result()
+    assert dropped.status_code == 200, dropped.text
+    assert dropped.json()["usage"]["completion_tokens"] == 64
     for model in [*lost, "base", *lost]:
         answer = complete(gateway, model)
         assert answer.status_code == 200, answer.text

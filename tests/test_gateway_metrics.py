@@ -117,12 +117,15 @@ async def test_refusals_are_counted_by_status_and_unknown_models_never_become_la
     assert series(samples, "dora_gateway_backend_up", backend=vllm.url) == 0
 
 
-async def test_a_broken_stream_is_counted_as_a_backend_error(gateway, vllm):
-    vllm.stream_error = httpx.ReadError("connection reset")
+@pytest.mark.parametrize(("failure", "status"), [
+    (httpx.ReadError("connection reset"), "502"), (httpx.ReadTimeout("timed out"), "504")])
+async def test_a_broken_stream_is_counted_with_its_failure_status(gateway, vllm, failure,
+                                                                  status):
+    vllm.stream_error = failure
     async with gateway.client(ACME_KEY) as client:
         await client.post(CHAT, json={"model": "base", "messages": MESSAGES, "stream": True})
     samples = await scrape(gateway)
-    assert series(samples, "dora_gateway_requests_total", adapter="base", status="502") == 1
+    assert series(samples, "dora_gateway_requests_total", adapter="base", status=status) == 1
     assert absent(samples, "dora_gateway_time_to_first_token_seconds_count", adapter="base")
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 
 import httpx
 import pytest
@@ -194,6 +195,25 @@ async def test_over_the_concurrency_limit_is_429_with_retry_after(gateway, vllm)
     assert (await chat(gateway, model="base")).status_code == 200
 
 
+async def test_a_stream_frees_its_slot_once_its_last_event_is_sent(gateway, vllm):
+    """A client that keeps within its limit, starting a request as soon as one got `[DONE]`,
+    is never refused, even while the backend is still closing the finished responses."""
+    vllm.linger_streams = asyncio.Event()
+    stream_body = {"model": "base", "messages": MESSAGES, "stream": True}
+    sent: list[list[dict]] = [[], []]
+    streams = [asyncio.create_task(call_asgi(gateway.app, stream_body, ACME_KEY,
+                                             asyncio.Event(), sent[i])) for i in range(2)]
+
+    def finished(messages: list[dict]) -> bool:
+        return b"[DONE]" in b"".join(message.get("body", b"") for message in messages)
+
+    await wait_until(lambda: all(finished(messages) for messages in sent))
+    assert not any(stream.done() for stream in streams)  # both responses still open
+    assert (await chat(gateway, model="base")).status_code == 200
+    vllm.linger_streams.set()
+    await asyncio.gather(*streams)
+
+
 async def test_client_disconnect_cancels_a_non_streaming_request(gateway, vllm):
     """Twice, as many times as acme's concurrency limit: a leaked slot would make it 429."""
     vllm.hang_completions = True
@@ -251,6 +271,46 @@ async def test_client_disconnect_closes_the_upstream_stream(gateway, vllm):
         message.get("body", b"") for message in sent)
 
 
+async def test_a_stream_cut_by_a_stopping_gateway_ends_with_a_shutting_down_event(
+        gateway, vllm):
+    """What the drain does to the streams that outlast its grace period."""
+    vllm.hang_streams = True
+    sent: list[dict] = []
+    task = asyncio.create_task(call_asgi(
+        gateway.app, {"model": "caps", "messages": MESSAGES, "stream": True}, ACME_KEY,
+        asyncio.Event(), sent))
+    await wait_until(lambda: any(b"data:" in message.get("body", b"") for message in sent))
+    gateway.app.state.shutdown_gate.cut_waits()
+    await asyncio.wait_for(task, 5)
+    (stream,) = vllm.streams
+    events = [line[len("data: "):] for line in
+              b"".join(message.get("body", b"") for message in sent).decode().splitlines()
+              if line.startswith("data: ")]
+    assert stream.closed
+    assert events[-1] == "[DONE]" and "choices" in json.loads(events[0])
+    error = json.loads(events[-2])["error"]
+    assert error["code"] == "shutting_down" and error["type"] == "server_error"
+
+
+async def test_a_plain_request_cut_by_a_stopping_gateway_is_answered_503_shutting_down(
+        gateway, vllm):
+    """What the drain does to a request still waiting for vLLM's answer when its grace
+    period ends: vLLM's generation is cancelled and the client told to retry."""
+    vllm.hang_completions = True
+    sent: list[dict] = []
+    task = asyncio.create_task(call_asgi(
+        gateway.app, {"model": "caps", "messages": MESSAGES}, ACME_KEY, asyncio.Event(), sent))
+    await wait_until(lambda: vllm.received(CHAT))
+    gateway.app.state.shutdown_gate.cut_waits()
+    await asyncio.wait_for(task, 5)
+    start, *body = sent
+    headers = dict(start["headers"])
+    error = json.loads(b"".join(message.get("body", b"") for message in body))["error"]
+    assert vllm.cancelled == 1
+    assert start["status"] == 503 and headers[b"retry-after"]
+    assert error["code"] == "shutting_down" and error["type"] == "server_error"
+
+
 async def test_streaming_rewrites_model_and_passes_events_through(gateway):
     async with gateway.client(ACME_KEY) as client:
         response = await client.post(CHAT, json={"model": "caps", "messages": MESSAGES,
@@ -267,8 +327,14 @@ async def test_streaming_rewrites_model_and_passes_events_through(gateway):
     assert response.text.count("\n\n") == STREAM_CHUNKS + 1
 
 
-async def test_an_upstream_failure_mid_stream_ends_with_an_error_event_then_done(gateway, vllm):
-    vllm.stream_error = httpx.ReadError("connection reset")
+@pytest.mark.parametrize(("failure", "code", "message", "marked_down"), [
+    (httpx.ReadError("connection reset"), "backend_error", "failed during the stream", True),
+    (httpx.ReadTimeout("timed out"), "backend_timeout", "timed out during the stream", False),
+])
+async def test_an_upstream_failure_mid_stream_ends_with_an_error_event_then_done(
+        gateway, vllm, failure, code, message, marked_down):
+    """A replica that timed out may just be slow: it stays in the rotation."""
+    vllm.stream_error = failure
     async with gateway.client(ACME_KEY) as client:
         response = await client.post(CHAT, json={"model": "base", "messages": MESSAGES,
                                                  "stream": True})
@@ -276,9 +342,10 @@ async def test_an_upstream_failure_mid_stream_ends_with_an_error_event_then_done
     events = [line for line in response.text.split("\n") if line]
     assert events[-1] == "data: [DONE]"
     error = json.loads(events[-2][len("data: "):])["error"]
-    assert error["type"] == "server_error" and "failed during the stream" in error["message"]
+    assert error["type"] == "server_error" and error["code"] == code
+    assert message in error["message"]
     assert len(events) == STREAM_CHUNKS + 2
-    assert not gateway.pool.any_healthy
+    assert gateway.pool.any_healthy is not marked_down
 
 
 async def test_an_upstream_error_on_a_stream_request_is_relayed_as_json(gateway, vllm):
@@ -316,6 +383,40 @@ async def test_an_adapter_vllm_lost_is_loaded_again_and_the_request_retried(gate
     assert series(samples, "dora_gateway_requests_in_flight", tenant="acme") == 0
     backend = gateway.pool.get(vllm.url)
     assert (backend.in_flight, dict(backend.active)) == (0, {})
+
+
+@pytest.mark.parametrize("reloaded_first", [False, True])
+async def test_requests_that_find_the_adapter_lost_together_are_all_served(gateway, vllm,
+                                                                           reloaded_first,
+                                                                           caplog):
+    """Two requests were in vLLM when it lost the adapter. The first 404 starts a reload; the
+    second comes while it runs (the gateway's record then says "not loaded") or after it
+    (the record says loaded again). Both are served; only the load vLLM made is counted."""
+    caplog.set_level(logging.INFO, logger="gateway.upstream.proxy")
+
+    def losses_seen() -> int:
+        return sum("no longer has" in record.getMessage() for record in caplog.records)
+
+    caps = gateway.registry.get("caps")
+    assert (await chat(gateway, model="caps")).status_code == 200
+    vllm.loaded.pop(caps.internal_name)
+    vllm.answer_gate, vllm.load_gate = asyncio.Semaphore(0), asyncio.Event()
+    first, second = (asyncio.create_task(chat(gateway, model="caps")) for _ in range(2))
+    await wait_until(lambda: len(vllm.received(CHAT)) == 3)
+    vllm.answer_gate.release()  # the first 404: the gateway loads caps again
+    await wait_until(lambda: len(vllm.received(LOAD)) == 2)
+    if reloaded_first:
+        vllm.load_gate.set()
+        await wait_until(lambda: len(vllm.received(CHAT)) == 4)  # the first one sent again
+    vllm.answer_gate.release()  # the second 404
+    await wait_until(lambda: losses_seen() == 2)  # judged lost (during the reload, unless
+    vllm.load_gate.set()                          # reloaded_first)
+    for _ in range(2):
+        vllm.answer_gate.release()
+    responses = await asyncio.gather(first, second)
+    assert [response.status_code for response in responses] == [200, 200], responses[1].text
+    samples = await scrape(gateway)
+    assert series(samples, "dora_gateway_adapter_load_seconds_count", adapter_type="dora") == 2
 
 
 def generated_text(response: httpx.Response, stream: bool) -> str:

@@ -167,18 +167,23 @@ async def test_a_hot_adapter_spills_to_a_second_replica_when_its_first_is_satura
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize(("failure", "requests_reaching_it"), [
+    ("down", 1),  # refuses the connection: the retried request never reaches it
+    ("drops_completions", 2),  # dies with the request on it: closes without an answer
+])
 async def test_a_request_whose_replica_fails_is_sent_to_another_and_loads_there(
-        tmp_path, llama_base, demo, store_dir):
+        tmp_path, llama_base, demo, store_dir, failure, requests_reaching_it):
     first, second = FakeVllm("http://vllm-a:8000"), FakeVllm("http://vllm-b:8000")
     gateway = await make_gateway(tmp_path, llama_base, demo, store_dir, first, second)
     assert (await chat(gateway, "caps")).status_code == 200
     [home] = placements(gateway)["caps"]
-    dead, alive = (first, second) if home == first.url else (second, first)
-    dead.down = True
+    failing, alive = (first, second) if home == first.url else (second, first)
+    setattr(failing, failure, True)
     answer = await chat(gateway, "caps")
     assert answer.status_code == 200, answer.text
+    assert len(failing.received("/v1/chat/completions")) == requests_reaching_it
     assert placements(gateway)["caps"] == [alive.url]
-    assert gateway.pool.health() == {dead.url: False, alive.url: True}
+    assert gateway.pool.health() == {failing.url: False, alive.url: True}
     await gateway.pool.aclose()
 
 

@@ -31,14 +31,17 @@ from gateway.telemetry.hub import Telemetry
 from gateway.tenancy.access import Access
 from gateway.tenancy.tenants import Tenant
 from gateway.upstream.pool import BackendPool
-from gateway.upstream.proxy import Target, forward
+from gateway.upstream.proxy import forward
+from gateway.upstream.target import Target, UpstreamWait
 from gateway.upstream.vllm_api import SERVED_BASE_MODEL
 
 OWNER = "dora-gateway"
 
 
 def openai_router(access: Access, registry: AdapterRegistry, pool: BackendPool,
-                  telemetry: Telemetry) -> APIRouter:
+                  telemetry: Telemetry, upstream_wait: UpstreamWait) -> APIRouter:
+    """`upstream_wait`: the scope each wait for vLLM runs in (the shutdown gate's, which cuts
+    what still waits when the grace period ends)."""
     router = APIRouter()
     started = int(time.time())
 
@@ -59,7 +62,7 @@ def openai_router(access: Access, registry: AdapterRegistry, pool: BackendPool,
                         prepare=None if entry is None else functools.partial(
                             registry.ensure_loaded, entry),
                         hide_usage=hides_usage(body, route))
-        return await forward(request, target, pool, lease)
+        return await forward(request, target, pool, lease, upstream_wait)
 
     @router.post(CHAT.path)
     async def chat_completions(request: Request) -> Response:

@@ -40,8 +40,9 @@ class Refusal:
 
 
 class LoraLoader:
-    """`on_loaded(internal_name, seconds)` is told of every load that reached a backend,
-    `on_refused(internal_name, refusal)` of every load a backend refused."""
+    """`on_loaded(internal_name, seconds)` is told of every load a backend made (not of one
+    it answered it already had), `on_refused(internal_name, refusal)` of every load a backend
+    refused."""
 
     def __init__(self, pool: BackendPool,
                  on_loaded: Callable[[str, float], None] = lambda name, seconds: None,
@@ -87,9 +88,10 @@ class LoraLoader:
             started = time.perf_counter()
             response = await self._pool.post(backend, LOAD_ADAPTER_PATH, {
                 "lora_name": internal_name, "lora_path": str(compiled_path)})
-            if response.status_code != 200 and not _already_loaded(response):
+            if response.status_code == 200:
+                self._on_loaded(internal_name, time.perf_counter() - started)
+            elif not _already_loaded(response):
                 raise await self._refused_by(backend, internal_name, _message(response))
-            self._on_loaded(internal_name, time.perf_counter() - started)
             backend.adapters.add(internal_name)
             return True
 

@@ -23,7 +23,12 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from gateway.errors import BackendTimeout, BackendUnavailable, BackendUnreachable
+from gateway.errors import (
+    BackendDropped,
+    BackendTimeout,
+    BackendUnavailable,
+    BackendUnreachable,
+)
 from gateway.upstream.discovery import Discovery, DnsName, Resolver, system_resolver
 from gateway.upstream.routing import RoutingPolicy
 from gateway.upstream.vllm_api import HEALTH_PATH, METRICS_PATH, requests_held
@@ -199,8 +204,9 @@ class BackendPool:
                    headers: dict[str, str] | None = None, *, stream: bool) -> httpx.Response:
         """POST JSON; with `stream`, the caller reads the body and must close the response.
 
-        Transport failures become gateway errors: `BackendUnreachable` (never sent, another
-        replica may be tried), `BackendTimeout`, or `BackendUnavailable`.
+        Transport failures become gateway errors: `BackendUnreachable` (never sent) or its
+        `BackendDropped` (the connection closed before an answer), after which another
+        replica may be tried, or `BackendTimeout`.
         """
         content = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
         request = self.client.build_request(
@@ -215,7 +221,7 @@ class BackendPool:
             raise BackendTimeout("The model backend timed out") from exc
         except httpx.TransportError as exc:
             self.mark_down(backend)
-            raise BackendUnavailable("The model backend failed; retry shortly") from exc
+            raise BackendDropped("The model backend failed; retry shortly") from exc
 
     def _tell_down(self, url: str) -> None:
         for listener in self._down_listeners:

@@ -22,17 +22,31 @@ The first replica in the order is tried; the others are the failover order.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from gateway.upstream.pool import Backend
+from typing import Protocol, TypeVar
 
 AFFINITY = "adapter-affinity"
 ROUND_ROBIN = "round-robin"
 POLICIES = (AFFINITY, ROUND_ROBIN)
 DEFAULT_LOAD_FACTOR = 1.25
+
+
+class Replica(Protocol):
+    """What routing reads of a replica (`pool.Backend` is one): the adapters loaded there,
+    those with requests in flight there, and its load."""
+
+    @property
+    def adapters(self) -> Collection[str]: ...
+
+    @property
+    def active(self) -> Mapping[str, int]: ...
+
+    @property
+    def load(self) -> int: ...
+
+
+R = TypeVar("R", bound=Replica)
 
 
 @dataclass(frozen=True)
@@ -43,8 +57,7 @@ class RoutingPolicy:
     load_factor: float = DEFAULT_LOAD_FACTOR
     max_loras: int = 4
 
-    def order(self, backends: Sequence[Backend], adapter: str | None,
-              turn: int) -> list[Backend]:
+    def order(self, backends: Sequence[R], adapter: str | None, turn: int) -> list[R]:
         """Every backend in `backends`, best first; `turn` rotates the ties (round robin)."""
         if not backends:
             return []
@@ -56,12 +69,12 @@ class RoutingPolicy:
         return sorted(rotated, key=lambda backend: (self._group(backend, adapter, bound),
                                                     backend.load, len(backend.adapters)))
 
-    def load_bound(self, backends: Sequence[Backend]) -> int:
+    def load_bound(self, backends: Sequence[Replica]) -> int:
         """Replicas at or above this load take no more requests while others are below it."""
         total = sum(backend.load for backend in backends)
         return math.ceil(self.load_factor * (total + 1) / len(backends))
 
-    def _group(self, backend: Backend, adapter: str | None, bound: int) -> int:
+    def _group(self, backend: Replica, adapter: str | None, bound: int) -> int:
         if backend.load >= bound:
             return 3
         if adapter is None or adapter in backend.adapters or adapter in backend.active:

@@ -54,9 +54,10 @@ def failure_lines(error: dict, responses_api: bool) -> str:
     if responses_api:
         event = {"type": "error", "code": error.get("code"), "message": error.get("message"),
                  "param": error.get("param")}
-        return f"\nevent: error\ndata: {_dumps(event)}\n\n"
-    return f"\ndata: {_dumps({'error': error})}\n\ndata: {DONE}\n\n"
+        return f"\nevent: error\ndata: {dumps(event)}\n\n"
+    return f"\ndata: {dumps({'error': error})}\n\ndata: {DONE}\n\n"
 
 
-def _dumps(data: object) -> str:
+def dumps(data: object) -> str:
+    """Compact JSON, as vLLM writes it; non-ASCII text kept as it is."""
     return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
