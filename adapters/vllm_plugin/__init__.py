@@ -14,10 +14,12 @@ refused by vLLM itself (fail closed).
 
 from __future__ import annotations
 
-from vllm.logger import init_logger
+import logging
 
 SUPPORTED_VLLM = "0.32.0"
-logger = init_logger("vllm.dora_gateway")  # under "vllm" to share its log handler
+# Under "vllm" to share its log handler. Nothing of vLLM is imported here, so that the
+# plugin's vLLM-free modules (`batch_plan`, `scale_step`) run where vLLM is not installed.
+logger = logging.getLogger("vllm.dora_gateway")
 _patched = False
 
 

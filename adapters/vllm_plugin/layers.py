@@ -7,8 +7,9 @@ its row, so no branch is needed for base-model tokens.
 
 Semantics, per token t with slot i_t (-1 for base-model tokens):
     y_t = dora_scales[i_t + 1] * (W0 x_t) + B~_{i_t} (A_{i_t} x_t) + b
-On the CPU (`cpu_lora`) the scale and the LoRA term are one grouped pass. Elsewhere vLLM's
-own LoRA kernels add the LoRA term, after one gather-multiply by the plan's rows; eagerly,
+Where vLLM would use its CPU punica wrapper, the scale and the LoRA term are one grouped
+pass (`cpu_lora`). Elsewhere (GPUs: `PunicaWrapperGPU`) vLLM's own LoRA kernels add the LoRA
+term, after one gather-multiply by the plan's rows; eagerly,
 that step is skipped when no DoRA token is in the batch and is a broadcast multiply when all
 tokens share one slot. Traced code (vLLM's compiled mode, CUDA graphs) always runs the
 gather, over persistent tensors only.
@@ -27,6 +28,7 @@ from vllm.lora.layers.column_parallel_linear import (
 )
 from vllm.lora.layers.row_parallel_linear import RowParallelLinearWithLoRA
 from vllm.lora.punica_wrapper.punica_base import PunicaWrapperBase
+from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 from vllm.model_executor.layers.linear import (
     MergedColumnParallelLinear,
     QKVParallelLinear,
@@ -37,7 +39,9 @@ from vllm.utils.import_utils import resolve_obj_by_qualname
 
 from adapters.vllm_plugin.batch_plan import BatchPlan
 from adapters.vllm_plugin.cpu_lora import apply_lora, join_lora_weights, register_op, use_rank
+from adapters.vllm_plugin.scale_step import scale_rows
 
+CPU_PUNICA_WRAPPER = "vllm.lora.punica_wrapper.punica_cpu.PunicaWrapperCPU"
 PLAN_ATTRIBUTE = "dora_plan"  # on the punica wrapper that all of a model's layers share
 # Exactly these classes: their subclasses (fully sharded LoRA, variable slices) split the
 # LoRA math differently, and DoRA on them is refused rather than guessed.
@@ -106,8 +110,11 @@ def plan_of(layer: BaseLinearLayerWithLoRA) -> BatchPlan:
 
 
 def uses_cpu_lora(layer: BaseLinearLayerWithLoRA) -> bool:
-    """Whether the layer runs the grouped CPU LoRA path (others keep vLLM's own ops)."""
-    return current_platform.is_cpu() and dora_unsupported_reason(layer) is None
+    """Whether the layer runs the grouped CPU LoRA path, which stands in for the ops of
+    vLLM's CPU punica wrapper: so wherever the platform uses that wrapper (the others keep
+    their own kernels, after the scale step)."""
+    return (current_platform.get_punica_wrapper() == CPU_PUNICA_WRAPPER
+            and dora_unsupported_reason(layer) is None)
 
 
 def _flat(tensor: torch.Tensor) -> torch.Tensor:
@@ -124,7 +131,7 @@ def _scale_base_output(layer: BaseLinearLayerWithLoRA, output: torch.Tensor,
     if plan.single_slot is not None and not torch.compiler.is_compiling():
         output.mul_(layer.dora_slot_rows[plan.single_slot + 1])
     else:
-        output.mul_(layer.dora_scales.index_select(0, plan.rows[: output.shape[0]]))
+        scale_rows(output, layer.dora_scales, plan.rows)
 
 
 def _cpu_forward(layer: BaseLinearLayerWithLoRA, x: torch.Tensor,
@@ -175,7 +182,7 @@ def patch_layers() -> None:
                 MergedQKVParallelLinearWithLoRA):
         _wrap_create_lora_weights(cls)
         _wrap_set_lora(cls)
-    _patch_update_metadata()
+    patch_update_metadata(resolve_obj_by_qualname(current_platform.get_punica_wrapper()))
     register_op()
 
 
@@ -215,9 +222,11 @@ def mapped_slots(index_mapping: tuple[int, ...], lora_index_to_id: list[int | No
     return {lora_index_to_id.index(i) if i > 0 else -1 for i in set(index_mapping)}
 
 
-def _patch_update_metadata() -> None:
-    """Write the batch plan whenever the platform's punica wrapper maps a new batch."""
-    wrapper_cls = resolve_obj_by_qualname(current_platform.get_punica_wrapper())
+def patch_update_metadata(wrapper_cls: type[PunicaWrapperBase]) -> None:
+    """Write the batch plan whenever a `wrapper_cls` maps a new batch (the platform's punica
+    wrapper; tests also run vLLM's GPU wrapper on the CPU). Once per class."""
+    if getattr(wrapper_cls, "writes_dora_plan", False):
+        return
     original = wrapper_cls.update_metadata
 
     def update_metadata(self, mapping, lora_index_to_id, max_loras, vocab_size,
@@ -227,6 +236,7 @@ def _patch_update_metadata() -> None:
         if plan is not None:
             plan.write(self.token_lora_indices,
                        mapped_slots(mapping.index_mapping, lora_index_to_id),
-                       with_groups=current_platform.is_cpu())
+                       with_groups=isinstance(self, PunicaWrapperCPU))
 
     wrapper_cls.update_metadata = update_metadata
+    wrapper_cls.writes_dora_plan = True
