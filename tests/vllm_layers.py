@@ -30,7 +30,7 @@ from adapters.vllm_plugin.layers import set_scale
 from gateway.engine.process import free_port
 
 LORA_SLOT, DORA_SLOT = 0, 1
-LORA_IDS = {LORA_SLOT: 1, DORA_SLOT: 2}  # vLLM's adapter ids; 0 means "no adapter"
+SLOTS = 2  # the default; the adapter in slot i has vLLM's id i + 1 (0 means "no adapter")
 
 
 @dataclass(frozen=True)
@@ -76,12 +76,15 @@ class LoRABlock:
 
 
 def lora_block(shapes: BlockShapes, rank: int, max_tokens: int, generator: torch.Generator,
-               bias: bool = False) -> LoRABlock:
-    """The block as vLLM's LoRA layers with two slots, around base layers with random
-    weights, prepared for the forward as vLLM's model loader does."""
-    config = LoRAConfig(max_lora_rank=rank, max_loras=2, lora_dtype=torch.float32)
-    block = LoRABlock({}, get_punica_wrapper(max_tokens, max_batches=max_tokens, device="cpu",
-                                             max_loras=2), {})
+               bias: bool = False, config: LoRAConfig | None = None,
+               wrapper: PunicaWrapperBase | None = None) -> LoRABlock:
+    """The block as vLLM's LoRA layers (`config`'s slots, two by default) around base layers
+    with random weights, prepared for the forward as vLLM's model loader does; `wrapper`
+    defaults to the platform's punica wrapper."""
+    config = config or LoRAConfig(max_lora_rank=rank, max_loras=SLOTS, lora_dtype=torch.float32)
+    wrapper = wrapper or get_punica_wrapper(max_tokens, max_batches=max_tokens, device="cpu",
+                                            max_loras=config.max_loras)
+    block = LoRABlock({}, wrapper, {})
     for name, (base, packed) in base_block(shapes, bias).items():
         with torch.no_grad():  # vLLM allocates with torch.empty: garbage, even NaN, otherwise
             for parameter in base.parameters():
@@ -89,7 +92,7 @@ def lora_block(shapes: BlockShapes, rank: int, max_tokens: int, generator: torch
         block.base_weights[name] = (base.weight.detach().clone(),
                                     None if base.bias is None else base.bias.detach().clone())
         base.quant_method.process_weights_after_loading(base)
-        layer = from_layer(base, 2, config, packed)
+        layer = from_layer(base, config.max_loras, config, packed)
         layer.set_mapping(block.wrapper)
         block.layers[name] = layer
     return block
@@ -115,9 +118,11 @@ def load_slot(layer: BaseLinearLayerWithLoRA, slot: int, a: list[torch.Tensor],
 
 
 def select_batch(wrapper: PunicaWrapperBase, slots: list[int | None],
-                 is_prefill: bool = False) -> None:
-    """Map a batch, one slot (None: the base model) per token, as vLLM does before a
-    forward; the plugin writes its batch plan from punica's metadata."""
-    ids = [0 if slot is None else LORA_IDS[slot] for slot in slots]
+                 is_prefill: bool = False, max_loras: int = SLOTS) -> None:
+    """Map a batch, one slot (None: the base model, and padding) per token, as vLLM does
+    before a forward, with every slot's adapter active; the plugin writes its batch plan
+    from punica's metadata."""
+    ids = [0 if slot is None else slot + 1 for slot in slots]
     wrapper.update_metadata(LoRAMapping(ids, ids, is_prefill=is_prefill),
-                            [LORA_IDS[LORA_SLOT], LORA_IDS[DORA_SLOT]], 3, vocab_size=32000)
+                            [slot + 1 for slot in range(max_loras)], max_loras,
+                            vocab_size=32000)
