@@ -2,3 +2,6 @@
 gateway can set them for the engines it starts."""
 
 CPU_COMPILE = "DORA_GATEWAY_CPU_COMPILE"  # "1": vLLM's compiled mode with LoRA on the CPU
+# prometheus_client's multiprocess mode: vLLM's /metrics then also carries the counters its
+# worker processes write (the plugin's engine cost figures); one fresh directory per engine.
+METRICS_DIR = "PROMETHEUS_MULTIPROC_DIR"

@@ -57,6 +57,7 @@ def create_app(config: GatewayConfig, registry: AdapterRegistry, backends: Backe
                     cache_salt_secret=config.server.cache_salt_secret)
     telemetry = Telemetry(config.metrics.window_seconds)
     telemetry.watch(access.in_flight, backends.health, registry.entries)
+    backends.on_metrics(telemetry.engine_metrics_read)
     registry.add_observer(telemetry)
     app.state.shutdown_gate = ShutdownGate()
     app.include_router(openai_router(access, registry, backends, telemetry,

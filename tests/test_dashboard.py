@@ -263,6 +263,15 @@ def test_dashboard_shows_live_latency_of_the_real_gateway(real_gateway, browser)
                     "data-level")
                 assert level == ("warn" if overhead > 2 else "good" if overhead < -2
                                  else "neutral")
+            # The engine's figure: measured in vLLM, read by the gateway's health checks.
+            assert cell_text(page, "base", "added_cost_pct") == "baseline"
+            for model in ("caps", "caps-lora"):
+                expect(row(page, model).locator('[data-col="added_cost_pct"]')).to_have_text(
+                    PERCENT, timeout=POLLS_MS * 2)
+                assert percent(cell_text(page, model, "added_cost_pct")) > 0
+            assert 0 < percent(cell_text(page, "caps", "dora_cost_pct")) < percent(
+                cell_text(page, "caps", "added_cost_pct"))
+            assert cell_text(page, "caps-lora", "dora_cost_pct") == "0.0%"
 
             # Live: one more request shows up without a reload (pirate may already be in the
             # window when other engine tests ran first, so count rather than look for a row).
@@ -339,7 +348,12 @@ def test_rendering_of_known_figures_and_names_only_as_text(fake_gateway, browser
              tpot=(7.275, 45.31), overhead=(35.04, -12.5)),
         _row("caps-lora", "lora", requests=1, rate=0.004, ttft=(None, None),
              tpot=(None, None), overhead=(None, None)),
-    ]}
+    ], "engine": {
+        "base": {"added_cost_pct": 0.0, "dora_cost_pct": 0.0, "tokens": 900},
+        "caps": {"added_cost_pct": 12.34, "dora_cost_pct": 1.06, "tokens": 300},
+        "brief": {"added_cost_pct": 1.5, "dora_cost_pct": 0.4, "tokens": 80},
+        hostile: {"added_cost_pct": None, "dora_cost_pct": None, "tokens": 0},
+    }}
 
     with dashboard(browser, fake_gateway.url) as page:
         page.route(fake_gateway.url + "/dashboard/data",
@@ -353,7 +367,8 @@ def test_rendering_of_known_figures_and_names_only_as_text(fake_gateway, browser
         "adapter": "base", "type": "base", "requests": "40", "rate_per_s": "0.13",
         "ttft_p50_ms": "212", "ttft_p95_ms": "1,235", "ttft_bar": "",
         "tpot_p50_ms": "8.31", "tpot_p95_ms": "9.90",
-        "ttft_overhead_pct": "baseline", "tpot_overhead_pct": "baseline", "errors": "0"}
+        "ttft_overhead_pct": "baseline", "tpot_overhead_pct": "baseline",
+        "added_cost_pct": "baseline", "dora_cost_pct": "baseline", "errors": "0"}
     assert by_name["caps"]["ttft_overhead_pct"] == "+1.2%"
     assert by_name["caps"]["tpot_overhead_pct"] == f"{MINUS}0.4%"
     assert by_name["brief"]["ttft_overhead_pct"] == "+35.0%"
@@ -361,6 +376,10 @@ def test_rendering_of_known_figures_and_names_only_as_text(fake_gateway, browser
     assert by_name["brief"]["rate_per_s"] == "12.3"
     assert by_name["brief"]["tpot_p95_ms"] == "45.3"
     assert by_name["brief"]["errors"] == "3"
+    assert (by_name["caps"]["added_cost_pct"], by_name["caps"]["dora_cost_pct"]) == (
+        "+12.3%", "+1.1%")
+    assert by_name["brief"]["added_cost_pct"] == "+1.5%"
+    assert by_name[hostile]["added_cost_pct"] == by_name["caps-lora"]["added_cost_pct"] == DASH
     assert by_name["caps-lora"]["rate_per_s"] == "<0.01"
     assert {by_name["caps-lora"][column] for column in (*MS_COLUMNS, "ttft_overhead_pct")} == {
         DASH}

@@ -26,7 +26,7 @@ import yaml
 
 from gateway.config import load_config
 from gateway.engine.process import free_port, wait_until_ok
-from tests.gateway_process import GLOBEX_KEY, PROMPT, data_events
+from tests.gateway_process import GLOBEX_KEY, PROMPT, data_events, poll_until
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -263,6 +263,10 @@ def served_request(real_gateway) -> None:
 @pytest.mark.vllm
 def test_dashboard_and_alerts_use_only_metrics_the_gateway_and_vllm_expose(
         real_gateway, engine, served_request):
+    # The engine's cost figures appear once the gateway's health checks have read a step.
+    poll_until(lambda: "dora_gateway_engine_added_cost_ratio{" in httpx.get(
+        real_gateway.url + "/metrics", timeout=30).text,
+        "the gateway never showed the engine's cost figures", timeout_s=120)
     gateway_page = httpx.get(real_gateway.url + "/metrics", timeout=30)
     assert gateway_page.status_code == 200, gateway_page.text
     assert re.search(r'^dora_gateway_requests_total\{[^}]*adapter="base"', gateway_page.text,

@@ -16,12 +16,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 
 from gateway.engine.process import EngineProcess, EngineSettings
 from tests.conftest import TEST_OUTPUT
 from tests.engine import LOGPROB_TOLERANCE, complete, max_logprob_gap
 from tests.factories import LLAMA_TARGETS, random_adapter, tiny_llama_for_vllm
+from tests.gateway_process import poll_until
 from tests.gpu_punica import engine_plugin_path
 
 pytestmark = pytest.mark.vllm
@@ -66,6 +68,17 @@ def test_the_engine_runs_vllms_gpu_wrapper(gpu_wrapper_engine):
     if gpu_wrapper_engine.settings.compile:
         assert "'mode': <CompilationMode.DYNAMO_TRACE_ONCE" in log
         assert "Directly load AOT compilation" not in log
+
+
+def test_it_says_adapter_cost_is_not_measured_there(gpu_wrapper_engine, tiny):
+    """Host timers cannot time the GPU wrapper's kernels: no figure rather than a false one."""
+    complete(gpu_wrapper_engine.base_url, next(iter(tiny.adapters)), PROMPTS[0])
+    poll_until(lambda: "adapter cost is not measured with PunicaWrapperGPU"
+               in gpu_wrapper_engine.log_path.read_text(errors="replace"),
+               "the engine never said that it does not measure adapter cost")
+    metrics = httpx.get(gpu_wrapper_engine.base_url + "/metrics", timeout=30).text
+    assert "vllm:num_requests_running" in metrics
+    assert "dora_engine_" not in metrics
 
 
 def test_one_batch_of_every_kind_matches_peft(gpu_wrapper_engine, tiny):

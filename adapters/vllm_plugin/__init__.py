@@ -7,7 +7,8 @@ plan of `batch_plan`); it also fixes the stock CPU LoRA ops for base-model token
 (`cpu_punica_fix`), skips the vocabulary-sized LoRA step no adapter uses (`vocab_lora`),
 makes runtime unloading free the slot (`unload`), lets vLLM load the model it compiled
 before instead of compiling it again (`compile_cache`) and, on request, lets the CPU engine
-compile with LoRA on (`compile_mode`). It patches only the vLLM release it
+compile with LoRA on (`compile_mode`); on the CPU path it also times each adapter's work per
+engine step for vLLM's `/metrics` (`engine_metrics`). It patches only the vLLM release it
 was written against: on any other, it patches nothing and says so, and DoRA adapters stay
 refused by vLLM itself (fail closed).
 """
@@ -41,6 +42,7 @@ def register() -> None:
     from adapters.vllm_plugin.compile_cache import patch_compile_cache_load
     from adapters.vllm_plugin.compile_mode import patch_cpu_compile_mode
     from adapters.vllm_plugin.cpu_punica_fix import patch_cpu_punica
+    from adapters.vllm_plugin.engine_metrics import patch_step_clock
     from adapters.vllm_plugin.layers import patch_layers
     from adapters.vllm_plugin.loading import patch_loading
     from adapters.vllm_plugin.manager import patch_manager
@@ -55,5 +57,6 @@ def register() -> None:
     patch_manager()
     patch_unload()
     patch_vocab_lora()
+    patch_step_clock()
     _patched = True
     logger.info("dora-gateway DoRA plugin active")

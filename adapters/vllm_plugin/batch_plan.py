@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from adapters.vllm_plugin.step_meter import AdapterWork
+
 _PLANS: weakref.WeakValueDictionary[int, BatchPlan] = weakref.WeakValueDictionary()
 
 
@@ -45,6 +47,8 @@ class BatchPlan:
         self.groups: list[TokenGroup] = []
         self.dora_slots: set[int] = set()  # slots whose adapter is DoRA (see `mark_dora`)
         self.present: set[int] = set()
+        self.tokens = 0  # in the current batch
+        self.work = AdapterWork()  # the CPU LoRA op's seconds per slot, this engine step
         _PLANS[self.order.data_ptr()] = self
         self.has_dora = False
         self.single_slot: int | None = None
@@ -54,6 +58,7 @@ class BatchPlan:
         `present` the slots in it (known on the host, so no device sync). Groups are only
         needed by the CPU LoRA path."""
         self.rows[: token_slots.shape[0]].copy_(token_slots + 1)
+        self.tokens = token_slots.shape[0]
         self.present = present
         self.has_dora = bool(present & self.dora_slots)
         self.single_slot = next(iter(present)) if len(present) == 1 and -1 not in present \

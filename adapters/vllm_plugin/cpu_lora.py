@@ -24,6 +24,7 @@ one opaque call, as it does vLLM's GPU LoRA kernels, and it reads the batch plan
 from __future__ import annotations
 
 import weakref
+from time import perf_counter
 from typing import NamedTuple
 
 import torch
@@ -31,7 +32,7 @@ from torch.library import Library
 from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
 from vllm.utils.torch_utils import direct_register_custom_op
 
-from adapters.vllm_plugin.batch_plan import BatchPlan, TokenGroup, plan_by_order
+from adapters.vllm_plugin.batch_plan import BatchPlan, plan_by_order
 
 _LIBRARY = Library("dora_gateway", "FRAGMENT")  # must live as long as the op
 # slot_a's address -> its layer, for the custom op, which is given tensors only
@@ -93,14 +94,17 @@ def add_lora(output: torch.Tensor, x: torch.Tensor, slot_a: torch.Tensor,
     each adapter's rank) and the plan's current groups are used, not rebuilt per call;
     `scales` is the layer's own table.
     """
-    add_groups(output, x, plan_by_order(order).groups,
-               _JOINED_LAYERS[slot_a.data_ptr()].dora_slot_weights, order)
+    weights = _JOINED_LAYERS[slot_a.data_ptr()].dora_slot_weights
+    add_groups(output, x, plan_by_order(order), weights)
 
 
-def add_groups(output: torch.Tensor, x: torch.Tensor, groups: list[TokenGroup],
-               weights: SlotWeights, order: torch.Tensor) -> None:
-    """`add_lora` over the plan's groups and the layer's slot views."""
-    for group in groups:
+def add_groups(output: torch.Tensor, x: torch.Tensor, plan: BatchPlan,
+               weights: SlotWeights) -> None:
+    """`add_lora` over the plan's groups and the layer's slot views; each group's time
+    goes to the plan's `work` (the engine's account of what each adapter costs)."""
+    order, work = plan.order, plan.work
+    for group in plan.groups:
+        start = perf_counter()
         count = group.end - group.start
         if count == output.shape[0]:  # the whole batch (slicing costs as much as a multiply)
             y, x_group = output, x
@@ -110,10 +114,13 @@ def add_groups(output: torch.Tensor, x: torch.Tensor, groups: list[TokenGroup],
             positions = order[group.start:group.end]
             y, x_group = output.index_select(0, positions), x.index_select(0, positions)
         if group.is_dora:
+            scaling = perf_counter()
             y.mul_(weights.scale[group.slot])
+            work.dora_seconds[group.slot] += perf_counter() - scaling
         y.addmm_(torch.mm(x_group, weights.a_t[group.slot]), weights.b_t[group.slot])
         if group.first < 0:
             output.index_copy_(0, positions, y)
+        work.seconds[group.slot] += perf_counter() - start
 
 
 def _add_lora_fake(output: torch.Tensor, x: torch.Tensor, slot_a: torch.Tensor,
@@ -136,4 +143,4 @@ def apply_lora(layer: BaseLinearLayerWithLoRA, output: torch.Tensor, x: torch.Te
         torch.ops.dora_gateway.add_lora(output, x, layer.slot_a, layer.slot_bt,
                                         layer.dora_scales, plan.order)
     else:
-        add_groups(output, x, plan.groups, layer.dora_slot_weights, plan.order)
+        add_groups(output, x, plan, layer.dora_slot_weights)

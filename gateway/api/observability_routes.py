@@ -45,7 +45,9 @@ def observability_router(access: Access, telemetry: Telemetry) -> APIRouter:
     @router.get("/dashboard/data")
     async def dashboard_data(request: Request) -> JSONResponse:
         access.metrics_reader(request)
-        return JSONResponse({**telemetry.window.summary(), "generated_at": time.time()},
+        return JSONResponse({**telemetry.window.summary(),
+                             "engine": telemetry.engine_cost.summary(),
+                             "generated_at": time.time()},
                             headers={"Cache-Control": "no-store"})
 
     return router

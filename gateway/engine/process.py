@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +22,7 @@ from pathlib import Path
 import httpx
 
 from adapters.errors import DoraGatewayError
-from adapters.plugin_env import CPU_COMPILE
+from adapters.plugin_env import CPU_COMPILE, METRICS_DIR
 from gateway.upstream.vllm_api import HEALTH_PATH, SERVED_BASE_MODEL
 
 
@@ -74,6 +76,7 @@ class EngineProcess:
         self.host = host
         self.port = port or free_port()
         self.process: subprocess.Popen | None = None
+        self.metrics_dir: Path | None = None
 
     @property
     def base_url(self) -> str:
@@ -94,9 +97,13 @@ class EngineProcess:
         return command + s.extra_args
 
     def start(self) -> None:
+        """Start the server. Its processes share a fresh metrics directory, so that vLLM's
+        `/metrics` carries the plugin's counters from the worker (and none of a former run)."""
+        self.metrics_dir = Path(tempfile.mkdtemp(prefix="vllm-metrics-"))
         env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
                "VLLM_CPU_KVCACHE_SPACE": str(self.settings.kv_cache_gib),
-               CPU_COMPILE: "1" if self.settings.compile else "0", **self.settings.extra_env}
+               CPU_COMPILE: "1" if self.settings.compile else "0",
+               METRICS_DIR: str(self.metrics_dir), **self.settings.extra_env}
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
@@ -127,6 +134,9 @@ class EngineProcess:
         _signal_group(self.process.pid, signal.SIGKILL)
         self.process.wait()
         self.process = None  # its group id may be reused: never signal it again
+        if self.metrics_dir is not None:
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+            self.metrics_dir = None
 
     def log_excerpt(self) -> str:
         """Where the log is and how it ends: what an operator needs to see why vLLM failed."""

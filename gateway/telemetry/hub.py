@@ -1,6 +1,7 @@
 """One place where finished requests go: Prometheus metrics and the dashboard's window.
 
-It also hooks the gateway's live state into Prometheus as gauges read at scrape time
+It also takes in the engines' own account of adapter costs (`engine_cost`), hooks the
+gateway's live state into Prometheus as gauges read at scrape time
 (requests in flight per tenant, backend health, registered adapters per type), times adapter
 compiles and loads, and counts the loads a backend refused. It sees adapters only through
 the `Adapter` protocol and live state through callables, so telemetry/ imports neither the
@@ -9,16 +10,20 @@ registry nor upstream/.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol
 
 from prometheus_client.core import Metric
 
 from gateway.names import BASE_MODEL
+from gateway.telemetry.engine_cost import EngineCost, engine_counters
 from gateway.telemetry.meter import RequestMeter
 from gateway.telemetry.prometheus import GatewayMetrics, gauge
 from gateway.telemetry.records import AdapterType, RequestRecord
 from gateway.telemetry.window import LatencyWindow
+
+log = logging.getLogger(__name__)
 
 
 class Adapter(Protocol):
@@ -33,6 +38,9 @@ class Adapter(Protocol):
     @property
     def compile_seconds(self) -> float: ...
 
+    @property
+    def internal_name(self) -> str: ...
+
 
 def adapter_type(adapter: Adapter | None) -> AdapterType:
     if adapter is None:
@@ -44,6 +52,7 @@ class Telemetry:
     def __init__(self, window_s: float) -> None:
         self.metrics = GatewayMetrics()
         self.window = LatencyWindow(window_s)
+        self.engine_cost = EngineCost(window_s, dict)  # knows the adapters once `watch`ed
 
     def record(self, record: RequestRecord) -> None:
         self.metrics.observe(record)
@@ -53,6 +62,16 @@ class Telemetry:
         """A meter for one request of `tenant` for `adapter` (None: the base model)."""
         name = adapter.name if adapter else BASE_MODEL
         return RequestMeter(tenant, name, adapter_type(adapter), self.record)
+
+    def engine_metrics_read(self, backend: str, metrics_text: str) -> None:
+        """Take in a backend's `/metrics` text: the engine's account of adapter costs (a text
+        that does not parse is logged and left out)."""
+        try:
+            counters = engine_counters(metrics_text)
+        except ValueError as exc:
+            log.warning("unreadable engine metrics from %s: %s", backend, exc)
+            return
+        self.engine_cost.update(backend, counters)
 
     def adapter_compiled(self, adapter: Adapter) -> None:
         self.metrics.adapter_compile.labels(adapter_type(adapter)).observe(
@@ -68,7 +87,9 @@ class Telemetry:
               backends_up: Callable[[], Mapping[str, bool]],
               adapters: Callable[[], Iterable[Adapter]]) -> None:
         """Expose requests in flight per tenant, health per backend URL and registered
-        adapters per type as gauges."""
+        adapters per type as gauges, and the engines' cost figures of registered adapters."""
+        self.engine_cost = EngineCost(self.window.window_s,
+                                      lambda: {a.internal_name: a.name for a in adapters()})
 
         def read() -> Iterable[Metric]:
             yield gauge("requests_in_flight", "Completion requests being answered",
@@ -82,3 +103,4 @@ class Telemetry:
                         (((kind,), count) for kind, count in counts.items()))
 
         self.metrics.add_gauges(read)
+        self.metrics.add_gauges(lambda: self.engine_cost.collect())

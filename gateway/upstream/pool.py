@@ -103,6 +103,7 @@ class BackendPool:
         self.client = client or httpx.AsyncClient(timeout=CLIENT_TIMEOUT, limits=CLIENT_LIMITS)
         self._turn = 0
         self._down_listeners: list[Callable[[str], None]] = []
+        self._metrics_readers: list[Callable[[str, str], None]] = []
 
     @property
     def backends(self) -> tuple[Backend, ...]:
@@ -112,6 +113,10 @@ class BackendPool:
     def on_down(self, listener: Callable[[str], None]) -> None:
         """Call `listener(url)` whenever a replica goes from healthy to down, or leaves."""
         self._down_listeners.append(listener)
+
+    def on_metrics(self, reader: Callable[[str, str], None]) -> None:
+        """Call `reader(url, text)` with every `/metrics` text read from a replica."""
+        self._metrics_readers.append(reader)
 
     @property
     def any_healthy(self) -> bool:
@@ -193,6 +198,10 @@ class BackendPool:
             held = requests_held(response.text) if response.status_code == 200 else own
         except (httpx.HTTPError, ValueError, IndexError):
             held = own
+        else:
+            if response.status_code == 200:
+                for reader in self._metrics_readers:
+                    reader(backend.url, response.text)
         backend.foreign_load = max(0, held - own)
 
     async def post(self, backend: Backend, path: str, payload: dict,

@@ -125,6 +125,23 @@
     return td;
   }
 
+  /** The engine's measured added cost per token of this model (`engine` from the feed). */
+  function engineCell(col, row, engine) {
+    if (isBase(row)) return pillCell(col, "baseline", "num missing");
+    const figure = engine && Object.prototype.hasOwnProperty.call(engine, row.adapter)
+      ? engine[row.adapter][col] : null;
+    const text = formatPct(figure);
+    if (text === null) {
+      const td = pillCell(col, "\u2014", "num missing");
+      td.title = "No uniform engine steps of this adapter in the window, or engines that do not measure";
+      return td;
+    }
+    const level = pctLevel(shownPct(text));
+    const td = pillCell(col, text, "num pct " + level);
+    td.dataset.level = level;
+    return td;
+  }
+
   function typeCell(type) {
     const td = cell("type", "");
     const badge = document.createElement("span");
@@ -209,6 +226,8 @@
         msCell("tpot_p95_ms", row.tpot_p95_ms),
         groupStart(overheadCell("ttft_overhead_pct", row)),
         overheadCell("tpot_overhead_pct", row),
+        groupStart(engineCell("added_cost_pct", row, data.engine)),
+        engineCell("dora_cost_pct", row, data.engine),
         groupStart(errorsCell(row)),
       );
       return tr;
