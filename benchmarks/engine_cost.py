@@ -108,14 +108,17 @@ def mixed(url: str, requests: int, max_tokens: int) -> None:
 
 def meter(mean_step_s: float) -> None:
     """The measuring's own cost per step of four DoRA groups, timed alone."""
-    work = AdapterWork()
+    work = AdapterWork(STREAMS)
 
     def layer_statements() -> None:  # what `cpu_lora.add_groups` adds, per layer
+        seconds, dora_seconds = work.seconds, work.dora_seconds
+        last = perf_counter()
         for slot in range(STREAMS):
-            start = perf_counter()
             scaling = perf_counter()
-            work.dora_seconds[slot] += perf_counter() - scaling
-            work.seconds[slot] += perf_counter() - start
+            dora_seconds[slot] += perf_counter() - scaling
+            now = perf_counter()
+            seconds[slot] += now - last
+            last = now
 
     totals = StepTotals()
     groups = {name: (1, 0.001, 0.0001) for name in DEMO}

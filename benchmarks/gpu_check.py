@@ -81,7 +81,7 @@ class LayerStep:
         self.a = self.random(SLOTS * RANK, layer.in_features, std=layer.in_features ** -0.5)
         self.b = self.random(layer.out_features, SLOTS * RANK, std=0.05)
         self.scales = torch.ones(SLOTS + 1, layer.out_features, dtype=dtype, device=device)
-        self.plan = BatchPlan(max_tokens, device)
+        self.plan = BatchPlan(max_tokens, SLOTS, device)
         self.slot_of_column = torch.arange(SLOTS * RANK, device=device) // RANK
 
     def random(self, *shape: int, std: float = 1.0) -> torch.Tensor:

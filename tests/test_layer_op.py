@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import adapters.vllm_plugin as plugin
+from adapters.vllm_plugin.layers import plan_of
 from tests.vllm_layers import (
     DORA_SLOT,
     LORA_SLOT,
@@ -121,3 +122,25 @@ def test_each_slot_reads_its_rank_only_and_its_b_t_in_one_block(block):
             assert a_t.shape == (layer.input_size, rows), name
             assert b_t.shape == (rows, sum(layer.output_slices)), name
             assert b_t.is_contiguous(), name
+
+
+@pytest.mark.parametrize("batch", ["base only", "lora only", "mixed"])
+def test_the_op_times_each_adapter_group_it_runs(block, batch):
+    """The engine's cost account: every slot with tokens gets work time, DoRA time only for
+    a DoRA slot and less than its whole group's, and nothing for a slot not in the batch."""
+    block, _ = block
+    slots = BATCHES[batch]
+    select_batch(block.wrapper, slots)
+    work = plan_of(block.layers["qkv_proj"]).work
+    work.clear()
+    for layer in block.layers.values():
+        layer(torch.randn(len(slots), layer.input_size))
+    for slot in (LORA_SLOT, DORA_SLOT):
+        if slot in slots:
+            assert work.seconds[slot] > 0, slot
+        else:
+            assert work.seconds[slot] == 0, slot
+    assert work.dora_seconds[LORA_SLOT] == 0
+    if DORA_SLOT in slots:
+        assert 0 < work.dora_seconds[DORA_SLOT] < work.seconds[DORA_SLOT]
+    assert sum(work.seconds) == sum(work.seconds[slot] for slot in set(slots) - {None})

@@ -41,14 +41,14 @@ class TokenGroup:
 class BatchPlan:
     """The persistent per-token tensors that the LoRA layers of one punica wrapper read."""
 
-    def __init__(self, max_tokens: int, device: torch.device | str) -> None:
+    def __init__(self, max_tokens: int, max_loras: int, device: torch.device | str) -> None:
         self.rows = torch.zeros(max_tokens, dtype=torch.long, device=device)
         self.order = torch.zeros(max_tokens, dtype=torch.long, device=device)
         self.groups: list[TokenGroup] = []
         self.dora_slots: set[int] = set()  # slots whose adapter is DoRA (see `mark_dora`)
         self.present: set[int] = set()
         self.tokens = 0  # in the current batch
-        self.work = AdapterWork()  # the CPU LoRA op's seconds per slot, this engine step
+        self.work = AdapterWork(max_loras)  # the CPU LoRA op's seconds per slot, this step
         _PLANS[self.order.data_ptr()] = self
         self.has_dora = False
         self.single_slot: int | None = None

@@ -105,6 +105,7 @@ def plan_of(layer: BaseLinearLayerWithLoRA) -> BatchPlan:
     wrapper = layer.punica_wrapper
     if not hasattr(wrapper, PLAN_ATTRIBUTE):
         setattr(wrapper, PLAN_ATTRIBUTE, BatchPlan(wrapper._token_lora_indices.shape[0],
+                                                   layer.lora_a_stacked[0].shape[0],
                                                    wrapper.device))
     return getattr(wrapper, PLAN_ATTRIBUTE)
 

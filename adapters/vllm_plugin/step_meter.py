@@ -30,16 +30,18 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 
-@dataclass
 class AdapterWork:
-    """Seconds of adapter work per LoRA slot in the step running now (filled by the op)."""
+    """Seconds of adapter work per LoRA slot in the step running now, filled by the op
+    (lists indexed by slot: the op adds to them in every layer, so every access counts)."""
 
-    seconds: defaultdict[int, float] = field(default_factory=lambda: defaultdict(float))
-    dora_seconds: defaultdict[int, float] = field(default_factory=lambda: defaultdict(float))
+    def __init__(self, slots: int) -> None:
+        self.seconds = [0.0] * slots
+        self.dora_seconds = [0.0] * slots
 
     def clear(self) -> None:
-        self.seconds.clear()
-        self.dora_seconds.clear()
+        slots = len(self.seconds)
+        self.seconds[:] = [0.0] * slots
+        self.dora_seconds[:] = [0.0] * slots
 
 
 @dataclass
