@@ -38,6 +38,7 @@ from gateway.bench.load import BenchSettings, make_client, run_bench
 from gateway.bench.report import summarize
 from gateway.engine.process import EngineProcess, EngineSettings
 from gateway.telemetry.engine_cost import (
+    SECONDS,
     STEP_SECONDS,
     UNIFORM_BASE_SECONDS,
     UNIFORM_DORA_SECONDS,
@@ -101,9 +102,12 @@ def mixed(url: str, requests: int, max_tokens: int) -> None:
         print(f"| {name} | {figures[name][0]:+.1%} | {figures[name][1]:+.1%} |")
     mean = statistics.fmean(figure for figure, _ in figures.values())
     print(f"| mean (compare: step_cost's four / base - 1) | {mean:+.1%} | |")
-    steps = after[(STEP_SECONDS, "")] - before[(STEP_SECONDS, "")]
+    step_s = after[(STEP_SECONDS, "")] - before[(STEP_SECONDS, "")]
     count = after[("steps", "")] - before[("steps", "")]
-    meter(steps / count)
+    work_s = sum(after[key] - before.get(key, 0.0) for key in after if key[0] == SECONDS)
+    print(f"\n{count:.0f} steps: mean step {step_s / count * 1e3:.1f} ms, of which adapter work "
+          f"{work_s / count * 1e3:.1f} ms")
+    meter(step_s / count)
 
 
 def meter(mean_step_s: float) -> None:

@@ -272,6 +272,8 @@ def test_dashboard_shows_live_latency_of_the_real_gateway(real_gateway, browser)
             assert 0 < percent(cell_text(page, "caps", "dora_cost_pct")) < percent(
                 cell_text(page, "caps", "added_cost_pct"))
             assert cell_text(page, "caps-lora", "dora_cost_pct") == "0.0%"
+            # Every column fits a laptop's width, without scrolling the table sideways.
+            assert page.eval_on_selector("#panel", "p => p.scrollWidth <= p.clientWidth")
 
             # Live: one more request shows up without a reload (pirate may already be in the
             # window when other engine tests ran first, so count rather than look for a row).

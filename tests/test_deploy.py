@@ -133,6 +133,8 @@ def test_compose_wires_the_services_prometheus_scrapes():
     vllm_args = services["vllm"]["command"]
     assert {"--enable-lora", "--served-model-name=base", "--port=8000"} <= set(vllm_args)
     assert services["vllm"]["environment"]["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    metrics_dir = services["vllm"]["environment"]["PROMETHEUS_MULTIPROC_DIR"]
+    assert metrics_dir in services["vllm"]["tmpfs"]  # fresh with every container
     assert services["gateway"]["command"] == ["--backend", "dns+http://vllm:8000"]
     assert services["vllm"]["deploy"]["replicas"] == 2
     for name in ("vllm", "gateway"):
@@ -185,6 +187,12 @@ def test_kubernetes_manifests_are_complete_and_refer_to_each_other():
     vllm = by_kind["Deployment"]["dora-vllm"]["spec"]["template"]["spec"]["containers"][0]
     assert vllm["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert "--enable-lora" in vllm["args"]
+    metrics_dir = next(env["value"] for env in vllm["env"]
+                       if env["name"] == "PROMETHEUS_MULTIPROC_DIR")
+    mounted = {mount["mountPath"]: mount["name"] for mount in vllm["volumeMounts"]}
+    volumes = {volume["name"]: volume for volume in
+               by_kind["Deployment"]["dora-vllm"]["spec"]["template"]["spec"]["volumes"]}
+    assert "emptyDir" in volumes[mounted[metrics_dir]]
     gateway = by_kind["Deployment"]["dora-gateway"]["spec"]
     assert gateway["replicas"] == 2
     assert "dora-postgres" in by_kind["StatefulSet"] and "dora-postgres" in by_kind["Service"]

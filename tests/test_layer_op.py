@@ -144,3 +144,22 @@ def test_the_op_times_each_adapter_group_it_runs(block, batch):
     if DORA_SLOT in slots:
         assert 0 < work.dora_seconds[DORA_SLOT] < work.seconds[DORA_SLOT]
     assert sum(work.seconds) == sum(work.seconds[slot] for slot in set(slots) - {None})
+
+
+def test_turning_the_group_order_leaves_every_output_bit_for_bit(block):
+    """The engine turns the order of a batch's groups each step (to share out the first
+    group's cache misses): groups write disjoint rows, so nothing else may change."""
+    block, _ = block
+    slots = BATCHES["mixed"]
+    select_batch(block.wrapper, slots)
+    plan = plan_of(block.layers["qkv_proj"])
+    firsts = set()
+    for name, layer in block.layers.items():
+        x = torch.randn(len(slots), layer.input_size, generator=torch.Generator().manual_seed(3))
+        outputs = []
+        for step in range(3):
+            plan.rotate_groups(step)
+            firsts.add(plan.groups[0].slot)
+            outputs.append(layer(x)[0])
+        assert all(torch.equal(outputs[0], output) for output in outputs[1:]), name
+    assert firsts == {LORA_SLOT, DORA_SLOT}

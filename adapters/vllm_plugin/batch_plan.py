@@ -44,7 +44,8 @@ class BatchPlan:
     def __init__(self, max_tokens: int, max_loras: int, device: torch.device | str) -> None:
         self.rows = torch.zeros(max_tokens, dtype=torch.long, device=device)
         self.order = torch.zeros(max_tokens, dtype=torch.long, device=device)
-        self.groups: list[TokenGroup] = []
+        self.groups: list[TokenGroup] = []  # in the order the CPU op runs them
+        self._slot_order: list[TokenGroup] = []
         self.dora_slots: set[int] = set()  # slots whose adapter is DoRA (see `mark_dora`)
         self.present: set[int] = set()
         self.tokens = 0  # in the current batch
@@ -66,6 +67,17 @@ class BatchPlan:
         if with_groups:
             self._write_groups(token_slots)
 
+    def rotate_groups(self, step: int) -> None:
+        """Start engine step `step` at group `step % groups` (of the groups in slot order).
+        A layer's first group pays to bring the layer's input and output back into cache
+        (an identical group cost twice as much first as second here): turning the order
+        spreads that over the adapters present instead of charging it to the lowest slot.
+        Groups touch disjoint rows, so the outputs do not change."""
+        count = len(self._slot_order)
+        if count > 1:
+            first = step % count
+            self.groups = self._slot_order[first:] + self._slot_order[:first]
+
     def mark_dora(self, slot: int, is_dora: bool) -> None:
         """Record whether `slot` now holds a DoRA adapter, also in the current batch's groups:
         vLLM may fill a slot without mapping a new batch."""
@@ -82,6 +94,7 @@ class BatchPlan:
 
     def _write_groups(self, token_slots: torch.Tensor) -> None:
         order, self.groups = group_tokens(token_slots, self.dora_slots)
+        self._slot_order = list(self.groups)
         self.order[: order.shape[0]].copy_(order)
 
 

@@ -23,8 +23,8 @@ Counters (`lora_name`: the name vLLM loaded the adapter under):
   `dora_engine_uniform_base_seconds_total` per `lora_name`: the uniform steps the added-cost
   figure is made of (`step_meter`): added cost = uniform adapter / uniform base seconds.
 
-Sums are flushed to the counters by a background thread every `FLUSH_S`, so a step pays
-only for a few additions.
+Sums are flushed to the counters by a background thread every `FLUSH_S` (or by `CLOCK.flush`),
+so a step pays only for a few additions.
 """
 
 from __future__ import annotations
@@ -97,8 +97,10 @@ class StepClock:
         self._plan: BatchPlan | None = None
         self._started: float | None = None
         self._tokens = 0
+        self._steps = 0
         self._uniform = True
         self._flusher: threading.Thread | None = None
+        self._counters: EngineCounters | None = None  # made by the process that measures
         self._said_unmeasured = False
 
     def begin(self, runner: GPUModelRunner, scheduled_tokens: list[int]) -> None:
@@ -116,6 +118,8 @@ class StepClock:
         if not scheduled_tokens:
             return
         plan.work.clear()
+        self._steps += 1
+        plan.rotate_groups(self._steps)
         self._tokens = sum(scheduled_tokens)
         self._uniform = is_uniform(scheduled_tokens)
         self._started = perf_counter()
@@ -144,22 +148,32 @@ class StepClock:
             self._names[lora_id] = request.lora_name
         return self._names[lora_id]
 
+    def flush(self) -> None:
+        """Add the sums of the steps closed since the last flush to the counters."""
+        with self._lock:
+            if self._counters is None:
+                self._counters = EngineCounters()
+            totals = self._totals.take()
+        self._counters.add(totals)
+
     def _start_flusher(self) -> None:
         if METRICS_DIR not in os.environ:
             logger.warning("dora-gateway: %s is not set, so vLLM's /metrics cannot show the "
                            "engine's adapter-cost counters (they live in the worker process)",
                            METRICS_DIR)
-        counters = EngineCounters()
 
-        def flush() -> None:
+        def flush_often() -> None:
             while True:
                 time.sleep(FLUSH_S)
-                with self._lock:
-                    totals = self._totals.take()
-                counters.add(totals)
+                self.flush()
 
-        self._flusher = threading.Thread(target=flush, name="dora-engine-metrics", daemon=True)
+        self._flusher = threading.Thread(target=flush_often, name="dora-engine-metrics",
+                                         daemon=True)
         self._flusher.start()
+
+
+# One per process: vLLM runs one model runner in each worker.
+CLOCK = StepClock()
 
 
 def measured_plan(runner: GPUModelRunner) -> BatchPlan | None:
@@ -176,7 +190,7 @@ def measured_plan(runner: GPUModelRunner) -> BatchPlan | None:
 
 def patch_step_clock() -> None:
     """Time every step of the model runner where the grouped CPU LoRA op runs."""
-    clock = StepClock()
+    clock = CLOCK
     original_execute = GPUModelRunner.execute_model
     original_sample = GPUModelRunner.sample_tokens
 
