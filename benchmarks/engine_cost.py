@@ -32,19 +32,19 @@ from time import perf_counter
 import httpx
 
 from adapters import paths
-from adapters.vllm_plugin.step_meter import AdapterWork, StepTotals
-from benchmarks.many_adapters import DEMO
-from gateway.bench.load import BenchSettings, make_client, run_bench
-from gateway.bench.report import summarize
-from gateway.engine.process import EngineProcess, EngineSettings
-from gateway.telemetry.engine_cost import (
+from adapters.engine_metric_names import (
     SECONDS,
     STEP_SECONDS,
     UNIFORM_BASE_SECONDS,
     UNIFORM_DORA_SECONDS,
     UNIFORM_SECONDS,
-    engine_counters,
 )
+from adapters.vllm_plugin.step_meter import AdapterWork, StepTotals
+from benchmarks.many_adapters import DEMO
+from gateway.bench.load import BenchSettings, make_client, run_bench
+from gateway.bench.report import summarize
+from gateway.engine.process import EngineProcess, EngineSettings
+from gateway.telemetry.engine_cost import engine_counters
 from gateway.upstream.vllm_api import SERVED_BASE_MODEL
 
 LORA_LAYERS = 30 * 4  # SmolLM2-135M: qkv, o, gate_up and down in each of 30 decoder layers

@@ -38,11 +38,12 @@ from vllm.lora.request import LoRARequest
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
 from adapters import paths
+from adapters.engine_metric_names import UNIFORM_BASE_SECONDS, UNIFORM_SECONDS
 from adapters.plugin_env import CPU_COMPILE
 from adapters.vllm_plugin import cpu_lora, engine_metrics
 from benchmarks.engine_latency import PROMPT
 from benchmarks.many_adapters import DEMO
-from gateway.telemetry.engine_cost import UNIFORM_BASE_SECONDS, UNIFORM_SECONDS, engine_counters
+from gateway.telemetry.engine_cost import engine_counters
 
 
 @dataclass

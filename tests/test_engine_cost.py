@@ -17,14 +17,14 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.telemetry.engine_cost import (
+from adapters.engine_metric_names import (
     SECONDS,
     STEP_SECONDS,
     STEP_TOKENS,
     TOKENS,
     UNIFORM_BASE_SECONDS,
-    engine_counters,
 )
+from gateway.telemetry.engine_cost import engine_counters
 from tests.engine import load_adapter, unload_adapter
 from tests.gateway_process import GLOBEX_KEY, GatewayProcess, poll_until
 

@@ -38,6 +38,7 @@ from prometheus_client import Counter
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
+from adapters import engine_metric_names as names
 from adapters.plugin_env import METRICS_DIR
 from adapters.vllm_plugin import logger
 from adapters.vllm_plugin.batch_plan import BatchPlan
@@ -45,7 +46,6 @@ from adapters.vllm_plugin.layers import PLAN_ATTRIBUTE
 from adapters.vllm_plugin.step_meter import StepTotals, is_uniform
 
 FLUSH_S = 0.5
-PREFIX = "dora_engine"
 
 
 class EngineCounters:
@@ -53,21 +53,24 @@ class EngineCounters:
     that made them would export zeros)."""
 
     def __init__(self) -> None:
-        label = ("lora_name",)
-        self.steps = Counter(f"{PREFIX}_steps", "Engine steps timed")
-        self.step_seconds = Counter(f"{PREFIX}_step_seconds",
+        def counter(name: str, documentation: str, labels: tuple[str, ...] = ()) -> Counter:
+            return Counter(f"{names.PREFIX}{name}", documentation, labels)
+
+        label = (names.ADAPTER_LABEL,)
+        self.steps = counter(names.STEPS, "Engine steps timed")
+        self.step_seconds = counter(names.STEP_SECONDS,
                                     "Engine step time: inputs, forward pass and sampling")
-        self.step_tokens = Counter(f"{PREFIX}_step_tokens", "Tokens of all timed steps")
-        self.tokens = Counter(f"{PREFIX}_adapter_tokens", "Tokens that ran an adapter", label)
-        self.seconds = Counter(f"{PREFIX}_adapter_seconds",
+        self.step_tokens = counter(names.STEP_TOKENS, "Tokens of all timed steps")
+        self.tokens = counter(names.TOKENS, "Tokens that ran an adapter", label)
+        self.seconds = counter(names.SECONDS,
                                "Adapter work (LoRA shrink and expand, DoRA scale)", label)
-        self.dora_seconds = Counter(f"{PREFIX}_dora_seconds",
-                                    "Of the adapter work, DoRA's scale", label)
-        self.uniform_seconds = Counter(f"{PREFIX}_uniform_adapter_seconds",
-                                       "Adapter work in uniform steps", label)
-        self.uniform_dora_seconds = Counter(f"{PREFIX}_uniform_dora_seconds",
+        self.dora_seconds = counter(names.DORA_SECONDS, "Of the adapter work, DoRA's scale",
+                                    label)
+        self.uniform_seconds = counter(names.UNIFORM_SECONDS, "Adapter work in uniform steps",
+                                       label)
+        self.uniform_dora_seconds = counter(names.UNIFORM_DORA_SECONDS,
                                             "DoRA's scale in uniform steps", label)
-        self.uniform_base_seconds = Counter(f"{PREFIX}_uniform_base_seconds",
+        self.uniform_base_seconds = counter(names.UNIFORM_BASE_SECONDS,
                                             "Base work attributed to the adapter's tokens in "
                                             "uniform steps", label)
 
@@ -107,13 +110,7 @@ class StepClock:
         self._started = None
         plan = self._plan = measured_plan(runner)
         if plan is None:
-            manager = getattr(runner, "lora_manager", None)
-            if manager is not None and not self._said_unmeasured:
-                wrappers = manager._adapter_manager.punica_wrapper_mapping.values()
-                logger.info("dora-gateway: adapter cost is not measured with %s (its LoRA "
-                            "kernels run asynchronously): vLLM's /metrics carries no "
-                            "dora_engine_ figures", ", ".join({type(w).__name__ for w in wrappers}))
-                self._said_unmeasured = True
+            self._say_unmeasured(runner)
             return
         if not scheduled_tokens:
             return
@@ -138,6 +135,17 @@ class StepClock:
             self._totals.close_step(seconds, self._tokens, self._uniform, groups)
         if self._flusher is None:
             self._start_flusher()
+
+    def _say_unmeasured(self, runner: GPUModelRunner) -> None:
+        """Once, where LoRA runs on vLLM's own kernels: no figure rather than a false one."""
+        manager = getattr(runner, "lora_manager", None)
+        if manager is None or self._said_unmeasured:
+            return
+        wrappers = manager._adapter_manager.punica_wrapper_mapping.values()
+        logger.info("dora-gateway: adapter cost is not measured with %s (its LoRA kernels run "
+                    "asynchronously): vLLM's /metrics carries no %s figures",
+                    ", ".join({type(w).__name__ for w in wrappers}), names.PREFIX)
+        self._said_unmeasured = True
 
     def _name(self, runner: GPUModelRunner, slot: int) -> str:
         lora_id = runner.lora_manager._adapter_manager.lora_index_to_id[slot]

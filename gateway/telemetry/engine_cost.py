@@ -28,18 +28,20 @@ from dataclasses import dataclass
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 
+from adapters.engine_metric_names import (
+    ADAPTER_LABEL,
+    DORA_SECONDS,
+    SECONDS,
+    STEP_SECONDS,
+    STEP_TOKENS,
+    TOKENS,
+    UNIFORM_BASE_SECONDS,
+    UNIFORM_DORA_SECONDS,
+    UNIFORM_SECONDS,
+)
+from adapters.engine_metric_names import PREFIX as ENGINE_PREFIX
 from gateway.names import BASE_MODEL
 from gateway.telemetry.prometheus import PREFIX
-
-ENGINE_PREFIX = "dora_engine_"
-STEP_SECONDS = "step_seconds"
-STEP_TOKENS = "step_tokens"
-TOKENS = "adapter_tokens"
-SECONDS = "adapter_seconds"
-DORA_SECONDS = "dora_seconds"
-UNIFORM_SECONDS = "uniform_adapter_seconds"
-UNIFORM_DORA_SECONDS = "uniform_dora_seconds"
-UNIFORM_BASE_SECONDS = "uniform_base_seconds"
 
 # (counter without prefix and "_total", vLLM adapter name or "" for step-wide counters)
 Key = tuple[str, str]
@@ -167,5 +169,5 @@ def engine_counters(metrics_text: str) -> dict[Key, float]:
         for sample in family.samples:
             if sample.name.endswith("_total"):
                 counter = sample.name[len(ENGINE_PREFIX):-len("_total")]
-                counters[(counter, sample.labels.get("lora_name", ""))] = sample.value
+                counters[(counter, sample.labels.get(ADAPTER_LABEL, ""))] = sample.value
     return counters
