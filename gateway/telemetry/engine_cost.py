@@ -98,10 +98,16 @@ class EngineCost:
                 row[counter] = row.get(counter, 0.0) + value
         return models
 
+    def _window_ends(self) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+        """(now, the window's start), per model."""
+        return self.by_model(self._history[-1].totals), self.by_model(self._history[0].totals)
+
     def window_ratios(self) -> dict[str, tuple[float, float]]:
         """Per model with uniform steps in the window: (added cost, DoRA's part) as ratios."""
-        now = self.by_model(self._history[-1].totals)
-        then = self.by_model(self._history[0].totals)
+        return self._ratios(*self._window_ends())
+
+    def _ratios(self, now: dict[str, dict[str, float]], then: dict[str, dict[str, float]],
+                ) -> dict[str, tuple[float, float]]:
         ratios = {BASE_MODEL: (0.0, 0.0)} if now else {}
         for model, row in now.items():
             old = then.get(model, {})
@@ -116,9 +122,8 @@ class EngineCost:
     def summary(self) -> dict[str, dict[str, float | None]]:
         """Per model, for the dashboard: added cost and DoRA's part in percent over the
         window (None without uniform steps of it there), and its tokens in the window."""
-        ratios = self.window_ratios()
-        now = self.by_model(self._history[-1].totals)
-        then = self.by_model(self._history[0].totals)
+        now, then = self._window_ends()
+        ratios = self._ratios(now, then)
         rows: dict[str, dict[str, float | None]] = {}
         for model, row in now.items():
             added, dora = ratios.get(model, (None, None))

@@ -110,13 +110,14 @@
     return td;
   }
 
-  function overheadCell(col, row) {
+  /** A signed percentage as a coloured pill; "baseline" for the base model, "—" (with
+   * `missingTitle` as its tooltip) where there is no figure. */
+  function percentCell(col, row, pct, missingTitle) {
     if (isBase(row)) return pillCell(col, "baseline", "num missing");
-    const pct = row[col];
     const text = formatPct(pct);
     if (text === null) {
       const td = pillCell(col, "\u2014", "num missing");
-      td.title = "Needs streamed requests for both this adapter and the base model";
+      td.title = missingTitle;
       return td;
     }
     const level = pctLevel(shownPct(text));
@@ -125,21 +126,17 @@
     return td;
   }
 
+  function overheadCell(col, row) {
+    return percentCell(col, row, row[col],
+      "Needs streamed requests for both this adapter and the base model");
+  }
+
   /** The engine's measured added cost per token of this model (`engine` from the feed). */
   function engineCell(col, row, engine) {
-    if (isBase(row)) return pillCell(col, "baseline", "num missing");
     const figure = engine && Object.prototype.hasOwnProperty.call(engine, row.adapter)
       ? engine[row.adapter][col] : null;
-    const text = formatPct(figure);
-    if (text === null) {
-      const td = pillCell(col, "\u2014", "num missing");
-      td.title = "No uniform engine steps of this adapter in the window, or engines that do not measure";
-      return td;
-    }
-    const level = pctLevel(shownPct(text));
-    const td = pillCell(col, text, "num pct " + level);
-    td.dataset.level = level;
-    return td;
+    return percentCell(col, row, figure,
+      "No uniform engine steps of this adapter in the window, or engines that do not measure");
   }
 
   function typeCell(type) {
