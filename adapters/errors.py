@@ -31,3 +31,25 @@ class BaseModelError(DoraGatewayError):
 
 class ModelPrepareError(DoraGatewayError):
     """The default model could not be fetched or converted."""
+
+
+class SourceError(DoraGatewayError):
+    """Files that could not be fetched from where they live (object storage, the Hub).
+
+    `where` is the URL asked for; `kind` says whose side the fault is on, so the gateway can
+    answer 400 for what the request named wrong and 502 for a store that failed it:
+    "not_found", "invalid" (not a PEFT adapter, a malformed URL), "too_large" (request side);
+    "denied" (the gateway's credentials), "unavailable" (down, timed out), "corrupt" (bytes
+    that do not match their hash) (store side).
+    """
+
+    CLIENT_KINDS = ("not_found", "invalid", "too_large")
+    STORE_KINDS = ("denied", "unavailable", "corrupt")
+
+    def __init__(self, kind: str, where: str, detail: str) -> None:
+        if kind not in self.CLIENT_KINDS + self.STORE_KINDS:
+            raise ValueError(f"unknown source error kind {kind!r}")
+        self.kind = kind
+        self.where = where
+        self.detail = detail
+        super().__init__(f"{where}: {detail}")
