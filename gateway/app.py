@@ -62,7 +62,8 @@ def create_app(config: GatewayConfig, registry: AdapterRegistry, backends: Backe
     app.state.shutdown_gate = ShutdownGate()
     app.include_router(openai_router(access, registry, backends, telemetry,
                                      app.state.shutdown_gate.cuttable))
-    app.include_router(admin_router(access, registry, backends, eager=eager))
+    app.include_router(admin_router(access, registry, backends, eager=eager,
+                                    max_source_bytes=config.adapters.max_upload_bytes))
     app.include_router(health_router(backends))
     app.include_router(observability_router(access, telemetry))
     install_error_handlers(app)

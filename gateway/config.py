@@ -19,14 +19,15 @@ from typing import TypeVar
 import httpx
 
 from adapters import paths
-from adapters.errors import ProblemsError
+from adapters.errors import ProblemsError, SourceError
+from adapters.object_store import S3Url
 from gateway.names import NAME_PATTERN, valid_name
 from gateway.tenancy.keys import parse_key, parse_secret
 from gateway.tenancy.tenants import ALL_ADAPTERS, Tenant
 from gateway.upstream.discovery import is_dns_backend
 from gateway.upstream.routing import DEFAULT_LOAD_FACTOR, POLICIES
 
-SECTIONS = {"model", "server", "engine", "adapters", "registry", "admin", "metrics",
+SECTIONS = {"model", "server", "engine", "adapters", "registry", "store", "admin", "metrics",
             "tenants", "routing"}
 METRICS_ACCESS = ("local", "key", "open")
 REGISTRY_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg", "postgres")
@@ -97,6 +98,19 @@ class RegistryConfig:
     url: str = field(repr=False)
 
 
+@dataclass(frozen=True)
+class StoreConfig:
+    """`[store]`: where compiled artifacts and kept adapters live. No `url`: directories under
+    `$DORA_GATEWAY_HOME` that the gateways and vLLM share; `s3://bucket/prefix`: an
+    S3-compatible store (endpoint and credentials from the standard AWS environment and
+    config files, never from this file), fetched into `cache_dir` (bounded by
+    `cache_max_bytes`) where needed."""
+
+    url: str = ""
+    cache_dir: Path = field(default_factory=lambda: paths.home() / "cache")
+    cache_max_bytes: int = 10 << 30
+
+
 def default_registry_url() -> str:
     return f"sqlite:///{paths.home() / 'registry.sqlite3'}"
 
@@ -124,6 +138,7 @@ class GatewayConfig:
     registry: RegistryConfig = field(default_factory=lambda: RegistryConfig(
         default_registry_url()))
     routing: RoutingConfig = RoutingConfig()
+    store: StoreConfig = field(default_factory=StoreConfig)
 
 
 def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> GatewayConfig:
@@ -162,6 +177,7 @@ class _Reader:
                                              "backends"})
         adapters = self.table(data, "adapters", {"dir", "roots", "eager", "max_upload_bytes"})
         registry = self.table(data, "registry", {"url"})
+        store = self.table(data, "store", {"url", "cache_dir", "cache_max_bytes"})
         admin = self.table(data, "admin", {"api_keys"})
         metrics = self.table(data, "metrics", {"access", "api_keys", "window_seconds"})
         routing = self.table(data, "routing", {"policy", "load_factor"})
@@ -176,6 +192,7 @@ class _Reader:
             metrics=self.metrics(metrics),
             registry=self.registry(registry),
             routing=self.routing(routing),
+            store=self.store(store),
         )
 
     def server(self, table: dict) -> ServerConfig:
@@ -265,6 +282,22 @@ class _Reader:
         elif scheme == "sqlite":
             self.problems.append("registry.url: a SQLite url needs a file: sqlite:///PATH")
         return RegistryConfig(url)
+
+    def store(self, table: dict) -> StoreConfig:
+        defaults = StoreConfig()
+        url = self.value(table, "store", "url", str, defaults.url)
+        if url:
+            try:
+                S3Url.parse(url)
+            except SourceError as exc:
+                self.problems.append(f"store.url: {exc.detail} (use s3://BUCKET/PREFIX, or no "
+                                     f"url for local directories)")
+        return StoreConfig(
+            url=url.rstrip("/"),
+            cache_dir=self.path(table, "store", "cache_dir", defaults.cache_dir),
+            cache_max_bytes=self.integer(table, "store", "cache_max_bytes",
+                                         defaults.cache_max_bytes),
+        )
 
     def metrics(self, table: dict) -> MetricsConfig:
         defaults = MetricsConfig()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from starlette.responses import JSONResponse
 
-from adapters.errors import DoraGatewayError
+from adapters.errors import DoraGatewayError, SourceError
 
 ERROR_TYPES = ("invalid_request_error", "authentication_error", "permission_error",
                "not_found_error", "rate_limit_error", "server_error")
@@ -126,6 +126,23 @@ class BackendError(GatewayError):
 
     status = 502
     code = "backend_error"
+
+
+class StoreFailed(GatewayError):
+    """Object storage or the Hub failed a fetch or a write the request needed (down, access
+    denied to the gateway's credentials, bytes that do not match their hash): nothing was
+    changed, and the adapters already loaded keep serving."""
+
+    status = 502
+    code = "store_error"
+
+
+def source_error(error: SourceError, param: str | None = None) -> GatewayError:
+    """The answer for `error`: 400 for what the request named wrong, 502 for a failing store.
+    The message says what failed and where."""
+    if error.kind in SourceError.CLIENT_KINDS:
+        return InvalidRequest(str(error), param=param, code=f"source_{error.kind}")
+    return StoreFailed(str(error), code=f"store_{error.kind}")
 
 
 class BackendTimeout(GatewayError):

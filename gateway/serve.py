@@ -19,7 +19,7 @@ import uvicorn
 
 from adapters import paths
 from adapters.base_checkpoint import BaseCheckpoint
-from adapters.store import CompiledStore
+from adapters.tree_cache import CACHE_DIR_ENV, CACHE_MAX_BYTES_ENV
 from gateway.app import create_app
 from gateway.config import GatewayConfig
 from gateway.draining_server import DrainingServer
@@ -27,7 +27,8 @@ from gateway.engine.limits import EngineLimits
 from gateway.engine.process import EngineProcess, EngineSettings
 from gateway.engine.supervisor import EngineSupervisor
 from gateway.registry import AdapterRegistry, RegistryDatabase
-from gateway.startup_checks import check_port_free, checked_base_model
+from gateway.registry.artifacts import ArtifactStore
+from gateway.startup_checks import check_port_free, checked_artifact_store, checked_base_model
 from gateway.upstream.pool import BackendPool
 from gateway.upstream.routing import RoutingPolicy
 
@@ -41,25 +42,30 @@ KEEP_ALIVE_S = 75
 def serve(config: GatewayConfig) -> None:
     base = checked_base_model(config)
     check_port_free(config.server.host, config.server.port)
+    artifacts = checked_artifact_store(config)
     database = RegistryDatabase.open(config.registry.url)
     try:
         if config.engine.backends:
-            asyncio.run(_serve(config, base, database, config.engine.backends))
+            asyncio.run(_serve(config, base, artifacts, database, config.engine.backends))
             return
         with local_engine(config) as engine:
             log.info("started vLLM at %s (log: %s)", engine.base_url, engine.log_path)
-            asyncio.run(_serve(config, base, database, [engine.base_url], local=engine))
+            asyncio.run(_serve(config, base, artifacts, database, [engine.base_url],
+                               local=engine))
     finally:
         database.close()
 
 
 def local_engine(config: GatewayConfig) -> EngineProcess:
-    """The vLLM process `[engine]` describes, on a free loopback port."""
+    """The vLLM process `[engine]` describes, on a free loopback port, fetching from the
+    store into `[store] cache_dir`."""
     engine = config.engine
     settings = EngineSettings(model=config.model_path, dtype=engine.dtype,
                               max_loras=engine.max_loras, max_lora_rank=engine.max_lora_rank,
                               max_cpu_loras=engine.max_cpu_loras, compile=engine.compile,
-                              extra_args=list(engine.extra_args))
+                              extra_args=list(engine.extra_args),
+                              extra_env={CACHE_DIR_ENV: str(config.store.cache_dir),
+                                         CACHE_MAX_BYTES_ENV: str(config.store.cache_max_bytes)})
     return EngineProcess(settings, log_path=paths.home() / "logs" / "vllm-gateway.log")
 
 
@@ -69,15 +75,15 @@ def routing_policy(config: GatewayConfig) -> RoutingPolicy:
                          config.engine.max_loras)
 
 
-async def _serve(config: GatewayConfig, base: BaseCheckpoint, database: RegistryDatabase,
-                 backend_urls: Sequence[str], local: EngineProcess | None = None) -> None:
+async def _serve(config: GatewayConfig, base: BaseCheckpoint, artifacts: ArtifactStore,
+                 database: RegistryDatabase, backend_urls: Sequence[str],
+                 local: EngineProcess | None = None) -> None:
     """Run until uvicorn stops; `local` is the local engine, which this gateway keeps
     running."""
     pool = BackendPool(backend_urls, routing=routing_policy(config))
     supervising: asyncio.Task | None = None
     try:
-        registry = AdapterRegistry(base, CompiledStore(paths.compiled_store_dir()),
-                                   config.adapters.roots, pool, database,
+        registry = AdapterRegistry(base, artifacts, config.adapters.roots, pool, database,
                                    EngineLimits.from_config(config.engine))
         await registry.add_directory(config.adapters.dir)
         app = create_app(config, registry, pool)

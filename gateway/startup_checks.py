@@ -1,8 +1,9 @@
 """What `serve` checks before it starts anything, each failure naming its fix.
 
 A missing or wrong base model would otherwise surface as a vLLM traceback a minute later
-(vLLM takes a missing directory for a model hub id), and a taken port as uvicorn's bind
-error after vLLM has started; both are cheap to check first.
+(vLLM takes a missing directory for a model hub id), a taken port as uvicorn's bind error
+after vLLM has started, and an unreachable object store at the first admin call; all are
+cheap to check first.
 """
 
 from __future__ import annotations
@@ -12,8 +13,14 @@ import socket
 
 from adapters import paths
 from adapters.base_checkpoint import BaseCheckpoint
-from adapters.errors import BaseModelError, DoraGatewayError
+from adapters.errors import BaseModelError, DoraGatewayError, SourceError
+from adapters.store import CompiledStore
+from adapters.tree_cache import TreeCache
 from gateway.config import GatewayConfig
+from gateway.registry.artifacts import ArtifactStore, LocalArtifacts, S3Artifacts
+
+# An artifact name no store holds: looking it up asks the store without changing it.
+STORE_PROBE = "startup-probe"
 
 
 class StartupError(DoraGatewayError):
@@ -54,3 +61,20 @@ def check_port_free(host: str, port: int) -> None:
                                    f"with --port or [server] port") from exc
             raise StartupError(f"cannot listen on {host}:{port} ({exc.strerror or exc}): check "
                                f"[server] host and port") from exc
+
+
+def checked_artifact_store(config: GatewayConfig) -> ArtifactStore:
+    """The store `[store]` names; an S3 store is asked once now, so wrong credentials or an
+    unreachable endpoint fail the start with the reason rather than the first admin call."""
+    compiled = CompiledStore(paths.compiled_store_dir())
+    if not config.store.url:
+        return LocalArtifacts(compiled, paths.uploads_dir())
+    store = S3Artifacts(config.store.url, compiled,
+                        TreeCache(config.store.cache_dir, config.store.cache_max_bytes))
+    try:
+        store.location(STORE_PROBE)
+    except SourceError as exc:
+        raise StartupError(f"[store] url {config.store.url}: {exc.detail} (the endpoint and "
+                           f"credentials come from the AWS environment: AWS_ENDPOINT_URL_S3, "
+                           f"AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION)") from exc
+    return store

@@ -24,6 +24,7 @@ from gateway.app import create_app
 from gateway.config import GatewayConfig, load_config
 from gateway.engine.limits import EngineLimits
 from gateway.registry import AdapterRegistry, RegistryDatabase
+from gateway.registry.artifacts import ArtifactStore, LocalArtifacts
 from gateway.serve import routing_policy
 from gateway.upstream.discovery import Resolver, system_resolver
 from gateway.upstream.pool import BackendPool
@@ -270,9 +271,10 @@ def make_demo_adapters(base_dir: Path, out_dir: Path) -> Path:
 
 def write_config(directory: Path, base_dir: Path, adapters_dir: Path, *, extra_root: Path,
                  backends: list[str], eager: bool, metrics: str = "", engine: str = "",
-                 routing: str = "") -> Path:
+                 routing: str = "", adapters: str = "") -> Path:
     """acme may use `caps` and `plain` (2 at a time, 64 tokens); globex may use every adapter;
-    `engine` holds more `[engine]` keys, `routing` an optional `[routing]` table."""
+    `engine` and `adapters` hold more `[engine]` and `[adapters]` keys, `routing` an optional
+    `[routing]` table."""
     path = directory / "gateway.toml"
     path.write_text(f"""
 [model]
@@ -287,6 +289,7 @@ backends = {json.dumps(backends)}
 dir = "{adapters_dir}"
 roots = ["{extra_root}"]
 eager = {json.dumps(eager)}
+{adapters}
 [admin]
 api_keys = ["{ADMIN_KEY}"]
 {metrics}
@@ -331,11 +334,14 @@ async def make_gateway(tmp_path: Path, base_dir: Path, demo_adapters: Path, stor
                        *vllms: FakeVllm, eager: bool = False, metrics: str = "",
                        engine: str = "", routing: str = "", backends: list[str] | None = None,
                        resolver: Resolver = system_resolver,
-                       client: httpx.AsyncClient | None = None) -> Gateway:
+                       client: httpx.AsyncClient | None = None, adapters: str = "",
+                       artifacts: ArtifactStore | None = None) -> Gateway:
     """A gateway over a fresh copy of the demo adapters (uploads write there), in front of
     `vllms` (one fake by default); `metrics` is an optional `[metrics]` TOML table, `engine`
-    more `[engine]` keys, `routing` a `[routing]` table; `backends` (the fakes' URLs by default)
-    may hold DNS names, which `resolver` resolves; `client` (real vLLMs) replaces the fakes."""
+    and `adapters` more `[engine]` and `[adapters]` keys, `routing` a `[routing]` table;
+    `backends` (the fakes' URLs by default) may hold DNS names, which `resolver` resolves;
+    `client` (real vLLMs) replaces the fakes; `artifacts` (local directories by default) is
+    the store."""
     vllms = vllms or (FakeVllm(),)
     adapters_dir = shutil.copytree(demo_adapters, tmp_path / "adapters")
     extra_root = tmp_path / "extra-root"
@@ -343,13 +349,14 @@ async def make_gateway(tmp_path: Path, base_dir: Path, demo_adapters: Path, stor
     config = load_config(write_config(tmp_path, base_dir, adapters_dir, extra_root=extra_root,
                                       backends=backends or [vllm.url for vllm in vllms],
                                       eager=eager,
-                                      metrics=metrics, engine=engine, routing=routing))
+                                      metrics=metrics, engine=engine, routing=routing,
+                                      adapters=adapters))
     pool = BackendPool(config.engine.backends,
                        client or httpx.AsyncClient(transport=fake_transport(*vllms)),
                        routing=routing_policy(config), resolver=resolver)
-    registry = AdapterRegistry(BaseCheckpoint(base_dir), CompiledStore(store_dir),
-                               config.adapters.roots, pool, sqlite_registry(tmp_path),
-                               EngineLimits.from_config(config.engine),
+    artifacts = artifacts or LocalArtifacts(CompiledStore(store_dir), tmp_path / "uploads")
+    registry = AdapterRegistry(BaseCheckpoint(base_dir), artifacts, config.adapters.roots, pool,
+                               sqlite_registry(tmp_path), EngineLimits.from_config(config.engine),
                                uploads=tmp_path / "uploads")
     await registry.add_directory(config.adapters.dir)
     return Gateway(create_app(config, registry, pool), config, registry, pool, vllms)

@@ -27,15 +27,19 @@ PROMPT = "The ocean is"
 
 def write_config(path: Path, *, model: Path, adapters_dir: Path, roots: list[Path],
                  backends: list[str], max_lora_rank: int = 16,
-                 registry_url: str | None = None, server: str = "", max_loras: int = 2) -> Path:
+                 registry_url: str | None = None, server: str = "", max_loras: int = 2,
+                 store_url: str = "", eager: bool = False) -> Path:
     """acme may use `caps` and `pirate`; globex may use every adapter, 16 requests at a time;
     no `backends` makes the gateway start (and supervise) its own vLLM. The registry is
     `registry_url`, by default a SQLite file beside the config ("": no `[registry]` table, so
-    the gateway's own default under `$DORA_GATEWAY_HOME`); `server` holds `[server]` keys."""
+    the gateway's own default under `$DORA_GATEWAY_HOME`); `server` holds `[server]` keys;
+    `store_url` is `[store] url` (none: local directories)."""
     if registry_url is None:
         registry_url = f"sqlite:///{path.parent / 'registry.sqlite3'}"
     registry = f'[registry]\nurl = "{registry_url}"' if registry_url else ""
+    store = f'[store]\nurl = "{store_url}"' if store_url else ""
     path.write_text(f"""{registry}
+{store}
 [model]
 path = "{model}"
 [server]
@@ -47,6 +51,7 @@ max_lora_rank = {max_lora_rank}
 [adapters]
 dir = "{adapters_dir}"
 roots = {json.dumps([str(root) for root in roots])}
+eager = {json.dumps(eager)}
 [admin]
 api_keys = ["{ADMIN_KEY}"]
 [tenants.acme]

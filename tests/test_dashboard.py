@@ -32,6 +32,7 @@ from gateway.app import create_app
 from gateway.config import load_config
 from gateway.engine.process import free_port
 from gateway.registry import AdapterRegistry
+from gateway.registry.artifacts import LocalArtifacts
 from gateway.upstream.pool import BackendPool
 from tests.conftest import TEST_OUTPUT
 from tests.gateway_fakes import (
@@ -181,7 +182,8 @@ def live_gateway(tmp_path: Path, base_dir: Path, demo_adapters: Path, store_dir:
     async def build() -> FastAPI:
         pool = BackendPool(config.engine.backends,
                            httpx.AsyncClient(transport=fake_transport(vllm)))
-        registry = AdapterRegistry(BaseCheckpoint(base_dir), CompiledStore(store_dir),
+        registry = AdapterRegistry(BaseCheckpoint(base_dir),
+                                   LocalArtifacts(CompiledStore(store_dir), tmp_path / "uploads"),
                                    config.adapters.roots, pool, sqlite_registry(tmp_path),
                                    uploads=tmp_path / "uploads")
         await registry.add_directory(config.adapters.dir)

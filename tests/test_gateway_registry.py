@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import shutil
+from pathlib import Path
 
 import httpx
 import pytest
@@ -25,6 +26,7 @@ from gateway.errors import (
     NotFound,
 )
 from gateway.registry import AdapterRegistry
+from gateway.registry.artifacts import LocalArtifacts
 from gateway.upstream.pool import BackendPool
 from tests.factories import LLAMA_TARGETS, random_adapter
 from tests.gateway_fakes import fake_transport, sqlite_registry
@@ -41,7 +43,8 @@ def setup(llama_base, demo, store_dir, tmp_path, vllm):
     extra_root = tmp_path / "extra"
     extra_root.mkdir()
     pool = BackendPool([vllm.url], httpx.AsyncClient(transport=fake_transport(vllm)))
-    registry = AdapterRegistry(BaseCheckpoint(llama_base), CompiledStore(store_dir),
+    registry = AdapterRegistry(BaseCheckpoint(llama_base),
+                               LocalArtifacts(CompiledStore(store_dir), tmp_path / "uploads"),
                                [adapters_dir, extra_root], pool, sqlite_registry(tmp_path),
                                uploads=tmp_path / "uploads")
     return registry, pool, adapters_dir, extra_root
@@ -56,10 +59,10 @@ async def test_directory_scan_compiles_every_adapter(setup, store_dir):
     assert caps.is_dora and not registry.get("plain").is_dora
     assert caps.content_hash == adapter_content_hash(adapters_dir / "caps")
     assert caps.internal_name == f"caps--{caps.content_hash[:16]}"
-    assert caps.compiled_path.parent == store_dir
-    assert json.loads((caps.compiled_path / "dora_gateway.json").read_text())["is_dora"]
+    assert Path(caps.location).parent == store_dir
+    assert json.loads((Path(caps.location) / "dora_gateway.json").read_text())["is_dora"]
     assert isinstance(caps.compile_seconds, float) and caps.compile_seconds >= 0
-    assert caps.source == (adapters_dir / "caps").resolve()
+    assert caps.source == str((adapters_dir / "caps").resolve())
 
 
 async def test_add_from_another_root_and_relative_to_the_adapters_dir(setup):
@@ -67,7 +70,7 @@ async def test_add_from_another_root_and_relative_to_the_adapters_dir(setup):
     shutil.copytree(adapters_dir / "pirate", extra_root / "pirate2")
     assert (await registry.add("pirate2", extra_root / "pirate2", added_by=ADMIN)).is_dora
     caps = await registry.add("caps", "caps", added_by=ADMIN)
-    assert caps.source == (adapters_dir / "caps").resolve()
+    assert caps.source == str((adapters_dir / "caps").resolve())
 
 
 @pytest.mark.parametrize("name", ["", "-caps", ".hidden", "a/b", "base", "caps\n", "x" * 65,
@@ -137,7 +140,7 @@ async def test_lazy_load_happens_once_per_backend(setup, vllm):
     await asyncio.gather(*(registry.ensure_loaded(caps, backend) for _ in range(5)))
     await registry.ensure_loaded(caps, backend)
     assert vllm.received(LOAD) == [{"lora_name": caps.internal_name,
-                                    "lora_path": str(caps.compiled_path)}]
+                                    "lora_path": caps.location}]
     assert registry.loaded_on(caps) == [vllm.url]
 
 

@@ -18,6 +18,7 @@ from adapters.compile import adapter_content_hash
 from adapters.store import CompiledStore
 from gateway.errors import Conflict, NotFound
 from gateway.registry import AdapterRegistry, RegistryDatabase
+from gateway.registry.artifacts import LocalArtifacts
 from gateway.registry.database import RegistryUnreachable
 from gateway.registry.entries import ADAPTERS_DIR, Origin
 from gateway.registry.schema import SchemaTooNew
@@ -43,8 +44,8 @@ class Site:
                 ) -> tuple[AdapterRegistry, FakeVllm, BackendPool]:
         vllm = FakeVllm()
         pool = BackendPool([vllm.url], httpx.AsyncClient(transport=fake_transport(vllm)))
-        registry = AdapterRegistry(BaseCheckpoint(self.base), CompiledStore(store or self.store),
-                                   [self.adapters_dir], pool,
+        artifacts = LocalArtifacts(CompiledStore(store or self.store), self.uploads)
+        registry = AdapterRegistry(BaseCheckpoint(self.base), artifacts, [self.adapters_dir], pool,
                                    RegistryDatabase.open(self.database_url), uploads=self.uploads)
         return registry, vllm, pool
 
@@ -147,8 +148,8 @@ async def test_an_artifact_missing_from_a_replicas_store_is_compiled_there(site,
     b, *_ = site.replica(store=tmp_path / "other-store")
     await b.sync()
     caps = b.get("caps")
-    assert caps.compiled_path.parent == tmp_path / "other-store"
-    assert caps.compiled_path.name == a.get("caps").compiled_path.name
+    assert Path(caps.location).parent == tmp_path / "other-store"
+    assert caps.artifact == a.get("caps").artifact
 
 
 def test_a_registry_schema_newer_than_the_gateway_is_refused(tmp_path):
@@ -158,6 +159,40 @@ def test_a_registry_schema_newer_than_the_gateway_is_refused(tmp_path):
         connection.execute("INSERT INTO schema_version VALUES (99, 0)")
     with pytest.raises(SchemaTooNew, match="schema is version 99"):
         RegistryDatabase.open(url)
+
+
+# The tables as version 1 of the schema created them (before `fetched_from`).
+SCHEMA_V1 = """
+CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at BIGINT NOT NULL);
+CREATE TABLE adapters (name TEXT PRIMARY KEY, origin TEXT NOT NULL, source TEXT NOT NULL,
+    content_hash TEXT NOT NULL, artifact TEXT NOT NULL, is_dora BOOLEAN NOT NULL,
+    compile_seconds FLOAT NOT NULL, added_by TEXT NOT NULL, added_at BIGINT NOT NULL);
+CREATE TABLE removed_adapters (name TEXT PRIMARY KEY, removed_by TEXT NOT NULL,
+    removed_at BIGINT NOT NULL);
+CREATE TABLE registry_generation (id INTEGER PRIMARY KEY, generation BIGINT NOT NULL);
+INSERT INTO registry_generation VALUES (1, 7);
+INSERT INTO schema_version VALUES (1, 0);
+INSERT INTO adapters VALUES ('caps', 'path', '/adapters/caps', 'abc', 'abc-def-v1', 1, 0.5,
+    'admin:0123', 1700000000);
+"""
+
+
+def test_a_version_1_registry_is_migrated_and_keeps_its_adapters(tmp_path):
+    path = tmp_path / "registry.sqlite3"
+    with sqlite3.connect(path) as connection:
+        connection.executescript(SCHEMA_V1)
+    database = RegistryDatabase.open(f"sqlite:///{path}")
+    try:
+        snapshot = database.snapshot()
+    finally:
+        database.close()
+    assert snapshot.generation == 7
+    caps = snapshot.adapters["caps"]
+    assert (caps.source, caps.artifact, caps.fetched_from) == ("/adapters/caps", "abc-def-v1",
+                                                               None)
+    with sqlite3.connect(path) as connection:
+        versions = connection.execute("SELECT version FROM schema_version").fetchall()
+    assert versions == [(1,), (2,)]
 
 
 def test_an_unreadable_registry_is_a_clear_error_at_start(tmp_path):

@@ -141,7 +141,7 @@ def test_both_replicas_serve_the_directory_adapters_registered_once(replicas):
         rows = connection.execute("SELECT name, added_by FROM adapters").fetchall()
         versions = connection.execute("SELECT version FROM schema_version").fetchall()
     assert sorted(rows) == sorted((name, "adapters-dir") for name in DEMO)
-    assert versions == [(1,)]
+    assert versions == [(1,), (2,)]
     assert text(complete(replicas.a, "pirate")) == text(complete(replicas.b, "pirate"))
 
 

@@ -1,8 +1,10 @@
-"""Loading DoRA adapters in vLLM's worker: compile PEFT directories, read the scales.
+"""Loading DoRA adapters in vLLM's worker: fetch, compile PEFT directories, read the scales.
 
-A plain PEFT DoRA directory is compiled once (cached in the compiled store) against the
-served base model; vLLM then loads the compiled artifact as the LoRA (A, B~), and the scales
-`s` ride along on the `LoRAModel` as `dora_scales` (vLLM module name -> [out]).
+An `s3://` path is fetched into the host's cache first (`fetching.py`). A plain PEFT DoRA
+directory is compiled once (cached in the compiled store) against the served base model (a
+local directory, or a Hub id whose snapshot vLLM downloaded); vLLM then loads the compiled
+artifact as the LoRA (A, B~), and the scales `s` ride along on the `LoRAModel` as
+`dora_scales` (vLLM module name -> [out]).
 """
 
 from __future__ import annotations
@@ -24,9 +26,12 @@ from vllm.platforms import current_platform
 from adapters import paths
 from adapters.base_checkpoint import BaseCheckpoint
 from adapters.compiled import SCALES_FILE, is_compiled
-from adapters.errors import DoraGatewayError
+from adapters.errors import BaseModelError, DoraGatewayError
+from adapters.hub import local_snapshot
 from adapters.peft_adapter import CONFIG_FILE
+from adapters.plugin_env import FETCH_FAILED
 from adapters.store import CompiledStore
+from adapters.vllm_plugin.fetching import HeldTrees, is_remote
 from adapters.vllm_plugin.layers import dora_unsupported_reason
 from adapters.vllm_plugin.vocab_lora import vocab_refusal
 
@@ -40,29 +45,34 @@ def _is_peft_dora(directory: Path) -> bool:
         return False
 
 
-def servable_path(lora_path: str, base_model: str) -> str:
-    """The directory vLLM should load: a PEFT DoRA directory becomes its compiled artifact."""
+def servable_path(lora_path: str, base_model: str, revision: str | None = None) -> str:
+    """The directory vLLM should load: a PEFT DoRA directory becomes its compiled artifact.
+    `base_model` is vLLM's model: a directory, or a Hub id (at `revision`)."""
     directory = Path(lora_path)
     if is_compiled(directory) or not _is_peft_dora(directory):
         return lora_path
-    if not Path(base_model).is_dir():
-        raise ValueError(f"DoRA adapters need a local base model directory, got {base_model!r}")
     try:
-        entry = CompiledStore(paths.compiled_store_dir()).compile(directory,
-                                                                  _base_checkpoint(base_model))
+        entry = CompiledStore(paths.compiled_store_dir()).compile(
+            directory, _base_checkpoint(base_model, revision))
     except DoraGatewayError as exc:
         raise ValueError(str(exc)) from exc
     return str(entry.path)
 
 
-_BASES: dict[str, BaseCheckpoint] = {}
+_BASES: dict[tuple[str, str | None], BaseCheckpoint] = {}
 
 
-def _base_checkpoint(base_model: str) -> BaseCheckpoint:
+def _base_checkpoint(base_model: str, revision: str | None) -> BaseCheckpoint:
     """One per base model and process, so its fingerprint is computed once."""
-    if base_model not in _BASES:
-        _BASES[base_model] = BaseCheckpoint(base_model)
-    return _BASES[base_model]
+    if (base_model, revision) not in _BASES:
+        directory = Path(base_model)
+        if not directory.is_dir():
+            try:
+                directory = local_snapshot(base_model, revision)
+            except BaseModelError as exc:
+                raise ValueError(f"cannot compile a DoRA adapter: {exc}") from exc
+        _BASES[base_model, revision] = BaseCheckpoint(directory)
+    return _BASES[base_model, revision]
 
 
 def read_scales(compiled_dir: str, weights_mapper) -> dict[str, torch.Tensor]:
@@ -108,20 +118,34 @@ def _owning_layer(manager, module_name: str) -> str | None:
     return None
 
 
+def _fetched(held: HeldTrees, lora_id: int, url: str) -> str:
+    """vLLM shows a load's ValueError to the client that asked for the load."""
+    try:
+        return held.fetch(lora_id, url)
+    except DoraGatewayError as exc:
+        raise ValueError(f"{FETCH_FAILED}: {exc}") from exc
+
+
 def patch_loading() -> None:
     original_init = WorkerLoRAManager.__init__
     original_load = WorkerLoRAManager._load_adapter
+    original_remove = WorkerLoRAManager.remove_adapter
     original_from_local_dir = PEFTHelper.from_local_dir.__func__
 
     def __init__(self, vllm_config, *args, **kwargs) -> None:
         original_init(self, vllm_config, *args, **kwargs)
         self.dora_base_model = vllm_config.model_config.model
+        self.dora_base_revision = vllm_config.model_config.revision
+        self.dora_held_trees = HeldTrees()
         self.dora_compiled_cpu = (current_platform.is_cpu() and vllm_config.compilation_config
                                   .mode != CompilationMode.NONE)
 
     def _load_adapter(self, lora_request: LoRARequest) -> LoRAModel:
-        absolute = get_adapter_absolute_path(lora_request.lora_path)
-        served = servable_path(absolute, self.dora_base_model)
+        self.dora_held_trees.release_all_but(self.list_adapters())
+        path = lora_request.lora_path
+        absolute = (_fetched(self.dora_held_trees, lora_request.lora_int_id, path)
+                    if is_remote(path) else get_adapter_absolute_path(path))
+        served = servable_path(absolute, self.dora_base_model, self.dora_base_revision)
         lora = original_load(self, msgspec.structs.replace(lora_request, lora_path=served))
         mapper = getattr(self._adapter_manager.model, "hf_to_vllm_mapper", None)
         lora.dora_scales = read_scales(served, mapper and mapper.get_rename_mapper())
@@ -130,6 +154,11 @@ def patch_loading() -> None:
         if self.dora_compiled_cpu and (reason := vocab_refusal(self._adapter_manager, lora)):
             raise ValueError(reason)
         return lora
+
+    def remove_adapter(self, adapter_id: int) -> bool:
+        removed = original_remove(self, adapter_id)
+        self.dora_held_trees.release_all_but(self.list_adapters())
+        return removed
 
     def from_local_dir(cls, lora_path: str, max_position_embeddings: int | None) -> PEFTHelper:
         """A compiled artifact is served as LoRA plus our scale: vLLM's DoRA check passes."""
@@ -140,4 +169,5 @@ def patch_loading() -> None:
 
     WorkerLoRAManager.__init__ = __init__
     WorkerLoRAManager._load_adapter = _load_adapter
+    WorkerLoRAManager.remove_adapter = remove_adapter
     PEFTHelper.from_local_dir = classmethod(from_local_dir)

@@ -1,4 +1,5 @@
-"""The admin API: list, add (from a path under a root, or by upload) and remove adapters.
+"""The admin API: list, add (from a path under a root, a URL, or by upload) and remove
+adapters.
 
 Every route authenticates before it reads the body, so callers without an admin key learn
 nothing about the API beyond a 401.
@@ -6,18 +7,23 @@ nothing about the API beyond a 401.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import shutil
 
 from fastapi import APIRouter
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from adapters.errors import SourceError
 from gateway.api.json_body import json_body
 from gateway.api.uploads import MAX_PARTS, store_upload, upload_parts
-from gateway.errors import Conflict, InvalidAdapter
+from gateway.errors import Conflict, InvalidAdapter, source_error
 from gateway.registry import AdapterEntry, AdapterRegistry, Origin, check_name
+from gateway.registry.sources import fetched
 from gateway.tenancy.access import Access
 from gateway.upstream.pool import Backend, BackendPool
 
@@ -29,14 +35,24 @@ def is_upload_path(path: str) -> bool:
 
 
 class AddAdapter(BaseModel):
+    """`path` (under a configured root) or `source` (an `s3://` or `hf://` URL)."""
+
     model_config = ConfigDict(extra="forbid")
 
     name: str
-    path: str
+    path: str | None = None
+    source: str | None = None
+
+    @model_validator(mode="after")
+    def one_origin(self) -> AddAdapter:
+        if (self.path is None) == (self.source is None):
+            raise ValueError("give exactly one of 'path' and 'source'")
+        return self
 
 
 def admin_router(access: Access, registry: AdapterRegistry, pool: BackendPool, *,
-                 eager: bool) -> APIRouter:
+                 eager: bool, max_source_bytes: int) -> APIRouter:
+    """`max_source_bytes` bounds an adapter fetched from a URL, as uploads are bounded."""
     router = APIRouter()
 
     def load_on() -> list[Backend]:
@@ -46,9 +62,11 @@ def admin_router(access: Access, registry: AdapterRegistry, pool: BackendPool, *
     def describe(entry: AdapterEntry) -> dict:
         refusal = registry.refusal(entry)
         return {"name": entry.name, "is_dora": entry.is_dora, "hash": entry.content_hash,
-                "internal_name": entry.internal_name, "source": str(entry.source),
+                "internal_name": entry.internal_name, "source": entry.source,
+                "artifact": entry.location,
                 "compile_seconds": entry.compile_seconds, "created": entry.created,
                 "origin": entry.origin.value, "added_by": entry.added_by,
+                "fetched_from": entry.fetched_from and json.loads(entry.fetched_from),
                 "loaded_backends": registry.loaded_on(entry), "servable": refusal is None,
                 "refused_by": refusal and {"backend": refusal.backend,
                                            "reason": refusal.reason}}
@@ -66,8 +84,26 @@ def admin_router(access: Access, registry: AdapterRegistry, pool: BackendPool, *
             spec = AddAdapter.model_validate(json_body(request))
         except ValidationError as exc:
             raise RequestValidationError(exc.errors(include_url=False)) from exc
-        entry = await registry.add(spec.name, spec.path, added_by=admin, load_on=load_on())
+        if spec.source is not None:
+            entry = await add_from_source(spec.name, spec.source, admin)
+        else:
+            entry = await registry.add(spec.name, spec.path, added_by=admin, load_on=load_on())
         return JSONResponse(describe(entry), status_code=201)
+
+    async def add_from_source(name: str, url: str, admin: str) -> AdapterEntry:
+        """Fetch (after the cheap checks), register, then let the fetched files go."""
+        check_name(name)
+        if await registry.is_taken(name):
+            raise Conflict(f"An adapter named '{name}' already exists", param="name",
+                           code="adapter_exists")
+        with contextlib.ExitStack() as stack:
+            try:
+                adapter = await asyncio.to_thread(stack.enter_context,
+                                                  fetched(url, max_source_bytes))
+            except SourceError as exc:
+                raise source_error(exc, param="source") from exc
+            return await registry.add_fetched(name, adapter, added_by=admin,
+                                              load_on=load_on())
 
     @router.post(ADAPTERS_PATH + "/{name}/upload")
     async def upload_adapter(name: str, request: Request) -> JSONResponse:

@@ -1,10 +1,11 @@
-"""Storing an uploaded adapter in the shared uploads store, all at once or not at all.
+"""Storing an uploaded adapter in the uploads directory, all at once or not at all.
 
-The files land in a hidden temporary directory inside the store (same filesystem), are
-flushed to disk, and the directory is renamed to the adapter's content hash: every gateway
-and backend that mounts the store sees either nothing or the whole adapter, and the same
-files uploaded twice are stored once. Only the two PEFT files are accepted: no pickles, no
-code, no paths.
+The files land in a hidden temporary directory inside it (same filesystem), are flushed to
+disk, and the directory is renamed to the adapter's content hash: whoever reads it (every
+gateway and backend, when it is the shared store) sees either nothing or the whole adapter,
+and the same files uploaded twice are stored once. With an object store the registry then
+keeps the files there (`registry/artifacts.py`). Only the two PEFT files are accepted: no
+pickles, no code, no paths.
 """
 
 from __future__ import annotations

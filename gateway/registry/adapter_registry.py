@@ -5,11 +5,11 @@ read, so a database that is down stops admin changes only. Every change is writt
 before it shows here, and `sync` brings the copy to the database's state (at start, and when
 another replica changed it). An adapter is served under an internal name that carries its
 content hash, so a replaced adapter never reuses vLLM's prefix cache or a stale loaded copy.
-Adding is all-or-nothing: validation and compilation (into the content-addressed store) come
-before the row is written, and paths must lie under a configured root after resolving
-symlinks. Admission (`gateway.engine.admission`) refuses, before compiling, what the
-configured engines cannot serve; an adapter that an engine still refuses at load time stays
-registered but unservable, with the engine's reason.
+Adding is all-or-nothing: validation, compilation and publishing (into the content-addressed
+store, `artifacts.py`) come before the row is written, and paths must lie under a configured
+root after resolving symlinks. Admission (`gateway.engine.admission`) refuses, before
+compiling, what the configured engines cannot serve; an adapter that an engine still
+refuses at load time stays registered but unservable, with the engine's reason.
 """
 
 from __future__ import annotations
@@ -26,10 +26,8 @@ from typing import Protocol, TypeVar
 from adapters import paths
 from adapters.base_checkpoint import BaseCheckpoint
 from adapters.compile import adapter_content_hash
-from adapters.compiled import METADATA_FILE
-from adapters.errors import AdapterError, DoraGatewayError
+from adapters.errors import AdapterError, DoraGatewayError, SourceError
 from adapters.peft_adapter import CONFIG_FILE
-from adapters.store import CompiledStore
 from gateway.engine.admission import engine_refusals, validation_problems
 from gateway.engine.limits import VLLM_DEFAULTS, EngineLimits
 from gateway.errors import (
@@ -40,9 +38,12 @@ from gateway.errors import (
     ModelNotFound,
     NotFound,
     RegistryUnavailable,
+    source_error,
 )
+from gateway.registry.artifacts import ArtifactStore
 from gateway.registry.database import RegistryDatabase, Snapshot, StoredAdapter
 from gateway.registry.entries import ADAPTERS_DIR, AdapterEntry, Origin, check_name
+from gateway.registry.sources import FetchedAdapter
 from gateway.upstream.lora_loader import LoraLoader, Refusal
 from gateway.upstream.pool import Backend, BackendPool
 
@@ -59,17 +60,18 @@ class RegistryObserver(Protocol):
 
 
 class AdapterRegistry:
-    """`roots[0]` is the adapters directory; relative paths given to `add` resolve there;
-    `database` is the durable registry; `limits` are what the engines behind `pool` accept;
-    `uploads` is the shared store of uploaded adapters (a root too)."""
+    """`artifacts` is where compiled artifacts and kept adapters live; `roots[0]` is the
+    adapters directory; relative paths given to `add` resolve there; `database` is the
+    durable registry; `limits` are what the engines behind `pool` accept; `uploads` is where
+    uploads land (a root too)."""
 
-    def __init__(self, base: BaseCheckpoint, store: CompiledStore, roots: Sequence[Path],
+    def __init__(self, base: BaseCheckpoint, artifacts: ArtifactStore, roots: Sequence[Path],
                  pool: BackendPool, database: RegistryDatabase,
                  limits: EngineLimits = VLLM_DEFAULTS, *, uploads: Path | None = None) -> None:
         if not roots:
             raise ValueError("at least one adapter root is needed")
         self._base = base
-        self._store = store
+        self._artifacts = artifacts
         self._database = database
         self._limits = limits
         self.uploads = uploads or paths.uploads_dir()
@@ -127,12 +129,24 @@ class AdapterRegistry:
         """Validate and compile the adapter at `path`, register it as `name`, then load it on
         `load_on` (eager loading); if any step fails, nothing stays registered or loaded."""
         check_name(name)
-        source = self.confine(path)
+        return await self._add(name, self.confine(path), origin, added_by, load_on)
+
+    async def add_fetched(self, name: str, fetched: FetchedAdapter, *, added_by: str,
+                          load_on: Sequence[Backend] = ()) -> AdapterEntry:
+        """`add` for an adapter fetched from a URL (`sources.py`): its files are kept in the
+        store, and the row records where they came from."""
+        check_name(name)
+        return await self._add(name, fetched.directory, Origin.URL, added_by, load_on,
+                               fetched_from=fetched.description)
+
+    async def _add(self, name: str, source: Path, origin: Origin, added_by: str,
+                   load_on: Sequence[Backend], fetched_from: str | None = None) -> AdapterEntry:
         async with self._lock:
             if await self.is_taken(name):
                 raise Conflict(f"An adapter named '{name}' already exists", param="name",
                                code="adapter_exists")
-            entry = await asyncio.to_thread(self._compile, name, source, origin, added_by)
+            entry = await asyncio.to_thread(self._compile, name, source, origin, added_by,
+                                            fetched_from)
             await _blocking(self._database.add, self._stored(entry))
             await self._show(entry)
             for observer in self._observers:
@@ -209,7 +223,7 @@ class AdapterRegistry:
     async def ensure_loaded(self, entry: AdapterEntry, backend: Backend) -> None:
         """Load `entry` on `backend` once; 404 if it was removed in the meantime."""
         loaded = await self._loader.ensure_loaded(
-            entry.internal_name, entry.compiled_path, backend,
+            entry.internal_name, entry.location, backend,
             still_wanted=lambda: self._entries.get(entry.name) is entry)
         if not loaded:
             raise ModelNotFound(entry.name)
@@ -258,7 +272,7 @@ class AdapterRegistry:
     async def _replace(self, name: str, path: Path) -> AdapterEntry:
         async with self._lock:
             entry = await asyncio.to_thread(self._compile, name, self.confine(path),
-                                            Origin.DIRECTORY, ADAPTERS_DIR)
+                                            Origin.DIRECTORY, ADAPTERS_DIR, None)
             await _blocking(self._database.replace, self._stored(entry))
             await self._show(entry)
         for observer in self._observers:
@@ -267,44 +281,60 @@ class AdapterRegistry:
 
     def _stored(self, entry: AdapterEntry) -> StoredAdapter:
         return StoredAdapter(
-            name=entry.name, origin=entry.origin.value, source=str(entry.source),
-            content_hash=entry.content_hash, artifact=entry.compiled_path.name,
+            name=entry.name, origin=entry.origin.value, source=entry.source,
+            content_hash=entry.content_hash, artifact=entry.artifact,
             is_dora=entry.is_dora, compile_seconds=entry.compile_seconds,
-            added_by=entry.added_by, added_at=entry.created)
+            added_by=entry.added_by, added_at=entry.created, fetched_from=entry.fetched_from)
 
     def _from_stored(self, stored: StoredAdapter) -> AdapterEntry | None:
-        """The entry for a row; its artifact is compiled here again only if this gateway's
-        store lacks it or serves another base model. None (logged) if that fails."""
-        compiled_path = self._store.root / stored.artifact
-        expected = self._store.entry_path(stored.content_hash, self._base.fingerprint())
-        if compiled_path != expected or not (compiled_path / METADATA_FILE).is_file():
-            try:
-                compiled_path = self._store.compile(stored.source, self._base).path
-            except (DoraGatewayError, OSError) as exc:
-                log.error("cannot serve the registered adapter %r here: its artifact %s is "
-                          "missing and compiling %s failed: %s", stored.name, compiled_path,
-                          stored.source, exc)
-                return None
+        """The entry for a row; its artifact is compiled (and published) here again only if
+        the store lacks it or it was compiled for another base model. None (logged) if that
+        fails."""
+        compiled = self._artifacts.compiled
+        artifact = compiled.entry_path(stored.content_hash, self._base.fingerprint()).name
+        try:
+            location = (self._artifacts.location(artifact) if artifact == stored.artifact
+                        else None)
+            if location is None:
+                with self._artifacts.open_kept(stored.source) as directory:
+                    location = self._artifacts.publish(compiled.compile(directory,
+                                                                        self._base).path)
+        except (DoraGatewayError, OSError) as exc:
+            log.error("cannot serve the registered adapter %r here: its artifact %s is not in "
+                      "the store and compiling %s failed: %s", stored.name, artifact,
+                      stored.source, exc)
+            return None
         return AdapterEntry(
-            name=stored.name, source=Path(stored.source), content_hash=stored.content_hash,
-            compiled_path=compiled_path, is_dora=stored.is_dora,
+            name=stored.name, source=stored.source, content_hash=stored.content_hash,
+            artifact=artifact, location=location, is_dora=stored.is_dora,
             compile_seconds=stored.compile_seconds, created=stored.added_at,
-            origin=Origin(stored.origin), added_by=stored.added_by)
+            origin=Origin(stored.origin), added_by=stored.added_by,
+            fetched_from=stored.fetched_from)
 
-    def _compile(self, name: str, source: Path, origin: Origin, added_by: str) -> AdapterEntry:
+    def _compile(self, name: str, source: Path, origin: Origin, added_by: str,
+                 fetched_from: str | None) -> AdapterEntry:
+        """Validate, compile and publish; an adapter from outside the roots is kept in the
+        store, so its row points at bytes every gateway can read again."""
         started = time.perf_counter()
         refusals = engine_refusals(source, self._base, self._limits)
         if refusals:
             problems = validation_problems(source, self._base) + refusals
             raise InvalidAdapter(str(AdapterError(str(source), problems)), problems)
         try:
-            stored = self._store.compile(source, self._base)
+            stored = self._artifacts.compiled.compile(source, self._base)
+            location = self._artifacts.publish(stored.path)
+            kept = (self._artifacts.keep(source) if origin in (Origin.UPLOAD, Origin.URL)
+                    else str(source))
         except AdapterError as exc:
             raise InvalidAdapter(str(exc), exc.problems) from exc
-        return AdapterEntry(name=name, source=source, content_hash=stored.adapter_hash,
-                            compiled_path=stored.path, is_dora=stored.is_dora,
+        except SourceError as exc:
+            raise source_error(exc) from exc
+        return AdapterEntry(name=name, source=kept, content_hash=stored.adapter_hash,
+                            artifact=stored.path.name, location=location,
+                            is_dora=stored.is_dora,
                             compile_seconds=time.perf_counter() - started,
-                            created=int(time.time()), origin=origin, added_by=added_by)
+                            created=int(time.time()), origin=origin, added_by=added_by,
+                            fetched_from=fetched_from)
 
 
 async def _blocking(call: Callable[..., T], *args: object) -> T:

@@ -51,6 +51,7 @@ class StoredAdapter:
     compile_seconds: float
     added_by: str
     added_at: int
+    fetched_from: str | None = None
 
 
 @dataclass(frozen=True)

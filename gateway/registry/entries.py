@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
-from pathlib import Path
 
 from gateway.errors import InvalidRequest
 from gateway.names import BASE_MODEL, NAME_RULE, valid_name
@@ -15,28 +14,35 @@ ADAPTERS_DIR = "adapters-dir"
 
 class Origin(StrEnum):
     """How an adapter came in: found in `[adapters] dir` at start, added from a path under a
-    root, or uploaded (its files then live in the shared store)."""
+    root, uploaded, or fetched from an `s3://` or `hf://` URL (the last two are kept in the
+    store, so every gateway can compile them again from the same bytes)."""
 
     DIRECTORY = "directory"
     PATH = "path"
     UPLOAD = "upload"
+    URL = "url"
 
 
 @dataclass(frozen=True)
 class AdapterEntry:
-    """A registered adapter. `compiled_path` is the artifact in the content-addressed store
-    (immutable, so every gateway and backend may read it at once); `added_by` names the admin
-    key (by its digest's first hex digits) or `ADAPTERS_DIR`."""
+    """A registered adapter. `source` is where its files are: a path under a root, or the
+    store's kept copy. `artifact` names the compiled artifact in the content-addressed store
+    and `location` is what vLLM loads (its path, or its `s3://` URL): immutable, so every
+    gateway and backend may read it at once. `added_by` names the admin key (by its digest's
+    first hex digits) or `ADAPTERS_DIR`; `fetched_from` is the URL an `Origin.URL` adapter
+    came from and what it resolved to (object versions, the Hub commit)."""
 
     name: str
-    source: Path
+    source: str
     content_hash: str
-    compiled_path: Path
+    artifact: str
+    location: str
     is_dora: bool
     compile_seconds: float
     created: int
     origin: Origin
     added_by: str
+    fetched_from: str | None = None
 
     @property
     def internal_name(self) -> str:

@@ -23,6 +23,7 @@ from sqlalchemy import (
     Text,
     func,
     insert,
+    inspect,
     select,
     text,
 )
@@ -49,6 +50,8 @@ adapters = Table(
     Column("compile_seconds", Float, nullable=False),
     Column("added_by", Text, nullable=False),
     Column("added_at", BigInteger, nullable=False),
+    # Since version 2: the URL an adapter was fetched from and what it resolved to.
+    Column("fetched_from", Text, nullable=True),
 )
 
 # Names an admin removed: the `[adapters] dir` scan at start does not bring them back.
@@ -79,7 +82,15 @@ def _create_v1(connection: Connection) -> None:
     connection.execute(insert(registry_generation).values(id=1, generation=0))
 
 
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _create_v1}
+def _add_fetched_from(connection: Connection) -> None:
+    """`_create_v1` creates the tables as `metadata` declares them now, so a database created
+    since version 2 has the column already."""
+    if "fetched_from" not in {column["name"] for column in inspect(connection)
+                              .get_columns("adapters")}:
+        connection.execute(text("ALTER TABLE adapters ADD COLUMN fetched_from TEXT"))
+
+
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _create_v1, 2: _add_fetched_from}
 SCHEMA_VERSION = max(MIGRATIONS)
 # Any fixed number: PostgreSQL's advisory lock that serialises migrations across replicas.
 MIGRATION_LOCK = 0x646F7261

@@ -8,7 +8,9 @@ restarted vLLM has none of them.
 A load that a healthy backend refuses (vLLM answers 500 to every failed load, so health tells
 a refusal from a dying engine) is the adapter's fault: it is remembered with the engine's
 reason, and requests for it get that reason (a 400) without asking the engine again, until
-the backend restarts (it may come back with other settings) or the adapter is removed.
+the backend restarts (it may come back with other settings) or the adapter is removed. A
+backend that could not fetch the adapter from the object store did not refuse it: that load
+fails (a 502) and the next request tries again.
 """
 
 from __future__ import annotations
@@ -18,11 +20,11 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 
-from gateway.errors import AdapterUnavailable, BackendUnreachable, GatewayError
+from adapters.plugin_env import FETCH_FAILED
+from gateway.errors import AdapterUnavailable, BackendUnreachable, GatewayError, StoreFailed
 from gateway.upstream.pool import Backend, BackendPool
 from gateway.upstream.vllm_api import LOAD_ADAPTER_PATH, UNLOAD_ADAPTER_PATH
 
@@ -69,7 +71,7 @@ class LoraLoader:
         for name in [name for name, refusal in self._refused.items() if refusal.backend == url]:
             del self._refused[name]
 
-    async def ensure_loaded(self, internal_name: str, compiled_path: Path, backend: Backend,
+    async def ensure_loaded(self, internal_name: str, location: str, backend: Backend,
                             still_wanted: Callable[[], bool]) -> bool:
         """Load on `backend` unless already there; False (and nothing loaded) if the adapter
         was removed meanwhile, so a removal never races a load into a leaked slot.
@@ -87,7 +89,7 @@ class LoraLoader:
                 return False
             started = time.perf_counter()
             response = await self._pool.post(backend, LOAD_ADAPTER_PATH, {
-                "lora_name": internal_name, "lora_path": str(compiled_path)})
+                "lora_name": internal_name, "lora_path": location})
             if response.status_code == 200:
                 self._on_loaded(internal_name, time.perf_counter() - started)
             elif not _already_loaded(response):
@@ -114,6 +116,9 @@ class LoraLoader:
         backend is down (and another one may be tried)."""
         if not await self._pool.check(backend):
             return BackendUnreachable()
+        if FETCH_FAILED in reason:
+            log.warning("%s could not fetch %s: %s", backend.url, internal_name, reason)
+            return StoreFailed(f"The model backend could not load the adapter: {reason}")
         refusal = Refusal(backend.url, reason)
         self._refused[internal_name] = refusal
         log.warning("%s refused to load %s: %s", backend.url, internal_name, reason)
