@@ -5,7 +5,8 @@ PromQL expression of the Grafana dashboard goes through promtool too. The metric
 expressions use must be ones the real gateway and vLLM expose, and a real Prometheus, run with
 deploy/prometheus/prometheus.yml pointed at them, must scrape both. The gateway configs the
 deployments ship must load, and the compose and Kubernetes files must refer to each other
-consistently. (No Docker daemon or cluster is needed: images are not built here.)
+consistently: gateways and vLLM share no volume, only the object store, which both reach with
+the same endpoint and keys. (No Docker daemon or cluster is needed: images are not built here.)
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -33,6 +35,14 @@ DEPLOY = ROOT / "deploy"
 PROMETHEUS_DIR = DEPLOY / "prometheus"
 DASHBOARD = DEPLOY / "grafana" / "dora-gateway.json"
 K8S = DEPLOY / "k8s"
+COMPOSE = DEPLOY / "compose.yaml"
+DEPLOY_DOC = ROOT / "docs" / "deploy.md"
+ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+# Kubernetes quantities as sizeLimit writes them: 16Gi, 512Mi, 1G...
+QUANTITY = re.compile(r"(\d+)(Ki|Mi|Gi|Ti|k|M|G|T)?")
+QUANTITY_UNITS = {None: 1, "Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40,
+                  "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
 METRIC_NAME = re.compile(r"\b(?:dora_gateway_\w+|vllm:[\w:]+)")
 # Grafana's variables, replaced by values that make each query plain PromQL.
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$tenant": ".*", "$adapter": ".*"}
@@ -120,10 +130,91 @@ def _plain_promql(expr: str) -> str:
     return expr
 
 
+def k8s_resources() -> dict[str, dict[str, dict]]:
+    """Every resource of deploy/k8s, by kind and name."""
+    by_kind: dict[str, dict[str, dict]] = {}
+    for path in sorted(K8S.glob("*.yaml")):
+        for doc in yaml_documents(path):
+            by_kind.setdefault(doc["kind"], {})[doc["metadata"]["name"]] = doc
+    return by_kind
+
+
+def k8s_pod(by_kind: dict[str, dict[str, dict]], deployment: str) -> dict:
+    return by_kind["Deployment"][deployment]["spec"]["template"]["spec"]
+
+
+def k8s_env(pod: dict) -> dict[str, dict]:
+    """The first container's env entries, by name."""
+    return {entry["name"]: entry for entry in pod["containers"][0].get("env", [])}
+
+
+def k8s_env_value(by_kind: dict[str, dict[str, dict]], entry: dict) -> str:
+    """A plain value, or the ConfigMap key it refers to (which must exist)."""
+    if "value" in entry:
+        return entry["value"]
+    ref = entry["valueFrom"]["configMapKeyRef"]
+    data = by_kind["ConfigMap"][ref["name"]]["data"]
+    assert ref["key"] in data, f"ConfigMap {ref['name']} has no key {ref['key']}"
+    return data[ref["key"]]
+
+
+def k8s_volume_holding(pod: dict, path: str) -> dict:
+    """The volume that holds `path` in the pod's first container (its deepest mount)."""
+    mounts = [mount for mount in pod["containers"][0]["volumeMounts"]
+              if Path(path).is_relative_to(mount["mountPath"])]
+    assert mounts, f"{path} is on no volume: the container's own layer"
+    mount = max(mounts, key=lambda mount: len(mount["mountPath"]))
+    return next(volume for volume in pod["volumes"] if volume["name"] == mount["name"])
+
+
+def quantity_bytes(quantity: str) -> int:
+    match = QUANTITY.fullmatch(str(quantity))
+    assert match, f"not a quantity this test reads: {quantity!r}"
+    return int(match[1]) * QUANTITY_UNITS[match[2]]
+
+
+def gateway_store(config_text: str) -> dict:
+    return tomllib.loads(config_text).get("store", {})
+
+
+def k8s_gateway_config(by_kind: dict[str, dict[str, dict]]) -> str:
+    return by_kind["ConfigMap"]["dora-gateway-config"]["data"]["gateway.toml"]
+
+
+def compose_services() -> dict[str, dict]:
+    return yaml.safe_load(COMPOSE.read_text())["services"]
+
+
+def compose_mounts(service: dict) -> list[tuple[str | None, str, str]]:
+    """(source, target, mode) of each of the service's volumes; source None: anonymous."""
+    mounts = []
+    for volume in service.get("volumes", []):
+        assert isinstance(volume, str), f"long syntax, which this test does not read: {volume}"
+        parts = volume.split(":")
+        if len(parts) == 1:
+            mounts.append((None, parts[0], "rw"))
+        else:
+            mounts.append((parts[0], parts[1], parts[2] if len(parts) > 2 else "rw"))
+    return mounts
+
+
+def compose_variables(value: str) -> str:
+    """`value` with each ${VAR...} reduced to ${VAR}: the same variables, whatever message or
+    default each use gives."""
+    return re.sub(r"\$\{(\w+)[^}]*\}", r"${\1}", value)
+
+
+def compose_endpoint(environment: dict) -> str:
+    endpoints = [environment[name] for name in ENDPOINT_VARIABLES if name in environment]
+    assert endpoints, f"no {' or '.join(ENDPOINT_VARIABLES)}"
+    return endpoints[0]
+
+
 def test_compose_wires_the_services_prometheus_scrapes():
-    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    compose = yaml.safe_load(COMPOSE.read_text())
     services = compose["services"]
-    assert set(services) == {"vllm", "gateway", "postgres", "prometheus", "grafana"}
+    assert set(services) == {"vllm", "gateway", "postgres", "minio", "minio-bucket",
+                             "prometheus", "grafana"}
     assert services["gateway"]["deploy"]["replicas"] == 2
     assert services["gateway"]["depends_on"]["postgres"]["condition"] == "service_healthy"
     registry_url = services["gateway"]["environment"]["DORA_GATEWAY_REGISTRY_URL"]
@@ -138,7 +229,6 @@ def test_compose_wires_the_services_prometheus_scrapes():
     assert services["gateway"]["command"] == ["--backend", "dns+http://vllm:8000"]
     assert services["vllm"]["deploy"]["replicas"] == 2
     for name in ("vllm", "gateway"):
-        assert "data:/data" in services[name]["volumes"], name
         dockerfile = DEPLOY / services[name]["build"]["context"] / services[name]["build"][
             "dockerfile"]
         assert dockerfile.is_file(), dockerfile
@@ -157,10 +247,9 @@ def test_kubernetes_manifests_are_complete_and_refer_to_each_other():
     for doc in documents:
         assert {"apiVersion", "kind", "metadata"} <= set(doc), doc
         assert doc["metadata"].get("name"), doc
-    by_kind: dict[str, dict[str, dict]] = {}
-    for doc in documents:
-        by_kind.setdefault(doc["kind"], {})[doc["metadata"]["name"]] = doc
-    assert {"Deployment", "Service", "ConfigMap", "PersistentVolumeClaim"} <= set(by_kind)
+    by_kind = k8s_resources()
+    assert sum(map(len, by_kind.values())) == len(documents), "two resources of one name"
+    assert {"Deployment", "Service", "ConfigMap"} <= set(by_kind)
     templates = [deployment["spec"]["template"] for deployment in by_kind["Deployment"].values()]
     workloads = [*templates, *(statefulset["spec"]["template"]
                                for statefulset in by_kind.get("StatefulSet", {}).values())]
@@ -175,14 +264,13 @@ def test_kubernetes_manifests_are_complete_and_refer_to_each_other():
         assert template["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
         for volume in template["spec"]["volumes"]:
             if "persistentVolumeClaim" in volume:
-                assert volume["persistentVolumeClaim"]["claimName"] in by_kind[
-                    "PersistentVolumeClaim"]
+                assert volume["persistentVolumeClaim"]["claimName"] in by_kind.get(
+                    "PersistentVolumeClaim", {})
             if "configMap" in volume:
                 assert volume["configMap"]["name"] in by_kind["ConfigMap"]
     assert by_kind["Deployment"]["dora-vllm"]["spec"]["replicas"] == 2
     assert by_kind["Service"]["dora-vllm"]["spec"]["clusterIP"] == "None"  # headless
-    gateway_toml = tomllib.loads(by_kind["ConfigMap"]["dora-gateway-config"]["data"][
-        "gateway.toml"])
+    gateway_toml = tomllib.loads(k8s_gateway_config(by_kind))
     assert gateway_toml["engine"]["backends"] == ["dns+http://dora-vllm:8000"]
     vllm = by_kind["Deployment"]["dora-vllm"]["spec"]["template"]["spec"]["containers"][0]
     assert vllm["resources"]["limits"]["nvidia.com/gpu"] == 1
@@ -221,8 +309,7 @@ def _shipped_configs() -> dict[str, tuple[str, set[str]]]:
         "docker/gateway.toml": ((DEPLOY / "docker" / "gateway.toml").read_text(), docker_env),
         "gateway.compose.toml": ((DEPLOY / "gateway.compose.toml").read_text(),
                                  set(compose["services"]["gateway"]["environment"])),
-        "k8s/configmap.yaml": (yaml.safe_load((K8S / "configmap.yaml").read_text())["data"][
-            "gateway.toml"], k8s_env),
+        "k8s/configmap.yaml": (k8s_gateway_config(k8s_resources()), k8s_env),
     }
 
 
@@ -253,9 +340,208 @@ def test_kubernetes_gives_the_gateway_time_to_drain():
     pod = next(doc for doc in yaml_documents(K8S / "gateway.yaml")
                if doc["kind"] == "Deployment")["spec"]["template"]["spec"]
     pause = int(pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"][-1])
-    config = yaml.safe_load((K8S / "configmap.yaml").read_text())["data"]["gateway.toml"]
-    drain = tomllib.loads(config)["server"]["shutdown_grace_seconds"]
+    drain = tomllib.loads(k8s_gateway_config(k8s_resources()))["server"][
+        "shutdown_grace_seconds"]
     assert pod["terminationGracePeriodSeconds"] >= pause + drain + 5
+
+
+def test_replicated_gateways_keep_their_artifacts_in_object_storage():
+    """Where gateways and vLLM run as several processes (replicas, or vLLM apart from the
+    gateway), they share no directory: the config each deployment gives them names a bucket."""
+    services = compose_services()
+    by_kind = k8s_resources()
+    processes = {
+        "docker/gateway.toml": 1,  # one container: the gateway and the vLLM it starts
+        "gateway.compose.toml": (services["gateway"]["deploy"]["replicas"]
+                                 + services["vllm"]["deploy"]["replicas"]),
+        "k8s/configmap.yaml": sum(by_kind["Deployment"][name]["spec"]["replicas"]
+                                  for name in ("dora-gateway", "dora-vllm")),
+    }
+    configs = _shipped_configs()
+    assert set(processes) == set(configs)
+    replicated = [name for name, count in processes.items() if count > 1]
+    assert replicated
+    for name in replicated:
+        url = gateway_store(configs[name][0]).get("url", "")
+        assert url.startswith("s3://"), f"{name}: [store] url {url!r}, not a bucket"
+
+
+def test_kubernetes_gateway_and_vllm_pods_share_no_volume():
+    by_kind = k8s_resources()
+    claims = [*by_kind.get("PersistentVolumeClaim", {}).values(),
+              *(claim for statefulset in by_kind.get("StatefulSet", {}).values()
+                for claim in statefulset["spec"].get("volumeClaimTemplates", []))]
+    for claim in claims:
+        assert "ReadWriteMany" not in claim["spec"]["accessModes"], claim["metadata"]["name"]
+    for name in ("dora-gateway", "dora-vllm"):
+        for volume in k8s_pod(by_kind, name)["volumes"]:
+            kinds = set(volume) - {"name"}
+            assert kinds <= {"emptyDir", "configMap", "secret"}, (
+                f"{name} mounts {volume}: storage that outlives the pod or that other pods "
+                f"may mount")
+
+
+def test_kubernetes_caches_are_per_pod_and_bounded_below_their_volume():
+    """The gateway's cache ([store] in the ConfigMap) and vLLM's (DORA_GATEWAY_CACHE_*) are on
+    an emptyDir of the pod's, on disk, bounded below the volume's sizeLimit (past it, the
+    kubelet evicts the pod)."""
+    by_kind = k8s_resources()
+    store = gateway_store(k8s_gateway_config(by_kind))
+    gateway = k8s_pod(by_kind, "dora-gateway")
+    vllm = k8s_pod(by_kind, "dora-vllm")
+    vllm_env = k8s_env(vllm)
+    assert {"cache_dir", "cache_max_bytes"} <= set(store), (
+        "the ConfigMap's [store] leaves the cache to the defaults")
+    caches = {"dora-gateway": (gateway, store["cache_dir"], store["cache_max_bytes"]),
+              "dora-vllm": (vllm, k8s_env_value(by_kind, vllm_env["DORA_GATEWAY_CACHE_DIR"]),
+                            int(k8s_env_value(by_kind,
+                                              vllm_env["DORA_GATEWAY_CACHE_MAX_BYTES"])))}
+    for name, (pod, directory, max_bytes) in caches.items():
+        volume = k8s_volume_holding(pod, directory)
+        assert "emptyDir" in volume, f"{name}'s cache {directory} is on {volume}"
+        assert volume["emptyDir"].get("medium") != "Memory", f"{name}: a cache in memory"
+        limit = quantity_bytes(volume["emptyDir"]["sizeLimit"])
+        assert 0 < max_bytes < limit, f"{name}: cache of {max_bytes} bytes on {limit}"
+
+
+def test_kubernetes_gateway_and_vllm_reach_one_store():
+    """Both Deployments get the store's endpoint and region (from a ConfigMap or a value)
+    and its keys from a Secret; gateway and vLLM must see the same store."""
+    by_kind = k8s_resources()
+    seen = {}
+    for name in ("dora-gateway", "dora-vllm"):
+        env = k8s_env(k8s_pod(by_kind, name))
+        endpoints = [variable for variable in ENDPOINT_VARIABLES if variable in env]
+        assert endpoints, f"{name} has no {' or '.join(ENDPOINT_VARIABLES)}"
+        for variable in CREDENTIAL_VARIABLES:
+            assert variable in env, f"{name} has no {variable}"
+            assert "secretKeyRef" in env[variable].get("valueFrom", {}), (
+                f"{name}'s {variable} is not from a Secret")
+        endpoint = k8s_env_value(by_kind, env[endpoints[0]])
+        assert urlsplit(endpoint).scheme in ("http", "https") and urlsplit(endpoint).hostname
+        seen[name] = (endpoint, k8s_env_value(by_kind, env["AWS_REGION"]))
+    assert seen["dora-gateway"] == seen["dora-vllm"]
+
+
+def test_kubernetes_network_policies_let_the_pods_reach_the_store():
+    """Ingress is restricted; a policy that restricts the egress of gateway or vLLM pods must
+    admit the store's port."""
+    by_kind = k8s_resources()
+    env = k8s_env(k8s_pod(by_kind, "dora-gateway"))
+    endpoint = urlsplit(k8s_env_value(by_kind, env[next(
+        variable for variable in ENDPOINT_VARIABLES if variable in env)]))
+    store_port = endpoint.port or {"http": 80, "https": 443}[endpoint.scheme]
+    policies = list(by_kind["NetworkPolicy"].values())
+    for name in ("dora-gateway", "dora-vllm"):
+        labels = by_kind["Deployment"][name]["spec"]["template"]["metadata"]["labels"]
+        selecting = [policy["spec"] for policy in policies
+                     if policy["spec"]["podSelector"].get("matchLabels", {}).items()
+                     <= labels.items()]
+        for spec in selecting:
+            types = spec.get("policyTypes") or ["Ingress", *(["Egress"] if "egress" in spec
+                                                               else [])]
+            if "Egress" in types:
+                ports = [port.get("port") for rule in spec.get("egress", [])
+                         for port in rule.get("ports") or [{}]]
+                assert None in ports or store_port in ports, (
+                    f"a NetworkPolicy keeps {name} from the store's port {store_port}")
+    vllm_labels = by_kind["Deployment"]["dora-vllm"]["spec"]["template"]["metadata"]["labels"]
+    assert any(policy["spec"]["podSelector"]["matchLabels"].items() <= vllm_labels.items()
+               for policy in policies), "no NetworkPolicy keeps clients off vLLM"
+
+
+def test_docs_create_the_secrets_the_kubernetes_pods_read():
+    """docs/deploy.md's `kubectl create secret` commands give every key a pod reads."""
+    by_kind = k8s_resources()
+    read = set()
+    for kind in ("Deployment", "StatefulSet"):
+        for workload in by_kind.get(kind, {}).values():
+            pod = workload["spec"]["template"]["spec"]
+            for container in [*pod.get("initContainers", []), *pod["containers"]]:
+                for entry in container.get("env", []):
+                    ref = entry.get("valueFrom", {}).get("secretKeyRef")
+                    if ref:
+                        read.add((ref["name"], ref["key"]))
+    created = set()
+    command = re.compile(r"kubectl create secret generic ([\w.-]+)((?:[^\n]*\\\n)*[^\n]*)")
+    for match in command.finditer(DEPLOY_DOC.read_text()):
+        created |= {(match[1], key)
+                    for key in re.findall(r"--from-literal=([\w.-]+)=", match[2])}
+    assert {"dora-gateway-keys", "dora-gateway-s3"} <= {name for name, _ in read}
+    assert read <= created, f"docs/deploy.md never creates {sorted(read - created)}"
+
+
+def test_compose_gateway_and_vllm_share_no_volume():
+    """Not with each other, and not between a service's replicas: each container's /data is
+    its own (anonymous) volume, which holds its cache."""
+    services = compose_services()
+    named = {name: {source for source, _, _ in compose_mounts(services[name])
+                    if source and not source.startswith((".", "/"))}
+             for name in ("gateway", "vllm")}
+    assert not named["gateway"] & named["vllm"], named
+    for name in ("gateway", "vllm"):
+        service = services[name]
+        if service.get("deploy", {}).get("replicas", 1) > 1:
+            shared = [(source, target) for source, target, mode in compose_mounts(service)
+                      if source and mode != "ro"]
+            assert not shared, f"{name}'s replicas would share {shared}"
+    caches = {"gateway": gateway_store((DEPLOY / "gateway.compose.toml").read_text())
+              .get("cache_dir"),
+              "vllm": services["vllm"]["environment"].get("DORA_GATEWAY_CACHE_DIR")}
+    for name, directory in caches.items():
+        assert directory, f"{name}: no cache directory given"
+        own = [target for source, target, _ in compose_mounts(services[name]) if source is None]
+        own += services[name].get("tmpfs", [])
+        assert any(Path(directory).is_relative_to(target) for target in own), (
+            f"{name}'s cache {directory} is not on a volume of its own")
+
+
+def test_compose_runs_minio_with_the_bucket_and_keys_gateway_and_vllm_use():
+    compose = yaml.safe_load(COMPOSE.read_text())
+    services = compose["services"]
+    minio, job = services["minio"], services["minio-bucket"]
+    for service in (minio, job):
+        tag = service["image"].rpartition(":")[2]
+        assert re.fullmatch(r"RELEASE\.[\dTZ-]+", tag), f"{service['image']}: not pinned"
+    assert minio["healthcheck"]["test"]
+    assert [source for source, _, _ in compose_mounts(minio)] == ["minio-data"]
+    assert "minio-data" in compose["volumes"]
+    assert job["depends_on"]["minio"]["condition"] == "service_healthy"
+    assert "restart" not in job, "a one-shot job restarted would never complete"
+    # `mc mb ALIAS/BUCKET`, the alias from MC_HOST_<alias>
+    assert job["command"][0] == "mb", job["command"]
+    [target] = [arg for arg in job["command"][1:] if not arg.startswith("-")]
+    alias, _, bucket = target.partition("/")
+    store_url = gateway_store((DEPLOY / "gateway.compose.toml").read_text())["url"]
+    assert bucket == urlsplit(store_url).netloc, f"the job creates {bucket}, not {store_url}"
+    mc_host = urlsplit(job["environment"][f"MC_HOST_{alias}"])
+    minio_env = minio["environment"]
+    keys = {"AWS_ACCESS_KEY_ID": compose_variables(minio_env["MINIO_ROOT_USER"]),
+            "AWS_SECRET_ACCESS_KEY": compose_variables(minio_env["MINIO_ROOT_PASSWORD"])}
+    assert [compose_variables(mc_host.username), compose_variables(mc_host.password)] == list(
+        keys.values())
+    assert mc_host.hostname == "minio" and str(mc_host.port) in minio["expose"]
+    for name in ("gateway", "vllm"):
+        service = services[name]
+        environment = service["environment"]
+        assert service["depends_on"]["minio-bucket"]["condition"] == (
+            "service_completed_successfully"), name
+        endpoint = urlsplit(compose_endpoint(environment))
+        assert (endpoint.scheme, endpoint.hostname, endpoint.port) == (
+            mc_host.scheme, mc_host.hostname, mc_host.port), f"{name} reaches another store"
+        assert environment["AWS_REGION"], name
+        for variable, expected in keys.items():
+            assert compose_variables(environment[variable]) == expected, f"{name}: {variable}"
+
+
+def test_docs_env_file_sets_every_variable_compose_requires():
+    required = set(re.findall(r"\$\{(\w+):\?", COMPOSE.read_text()))
+    doc = DEPLOY_DOC.read_text()
+    env_file = re.search(r"cat > \.env <<'EOF'.*?\n(.*?)\nEOF\n", doc, re.DOTALL)
+    assert env_file, "docs/deploy.md shows no deploy/.env"
+    given = set(re.findall(r"^(\w+)=", env_file[1], re.MULTILINE))
+    assert {"S3_ACCESS_KEY_ID", "POSTGRES_PASSWORD"} <= required
+    assert required <= given, f"docs/deploy.md's .env lacks {sorted(required - given)}"
 
 
 @pytest.fixture(scope="module")
