@@ -1,6 +1,6 @@
 """Soak: a real gateway process in front of the session's vLLM under minutes of mixed traffic.
 
-Workers send, at once and for `DORA_GATEWAY_SOAK_SECONDS` (150 by default; as long as you like
+Workers send, at once and for `DORA_GATEWAY_SOAK_SECONDS` (90 by default; as long as you like
 by the variable): completions and chats, streamed or not, on the base model and adapters;
 streams and plain requests the client abandons midway; requests that must fail (bad JSON,
 hostile bodies, unknown models, wrong keys, values vLLM refuses, more than a tenant's limit);
@@ -42,7 +42,7 @@ from tests.gateway_process import (
 from tests.test_engine_gateway_overload import in_flight
 
 pytestmark = pytest.mark.vllm
-SOAK_S = float(os.environ.get("DORA_GATEWAY_SOAK_SECONDS", "150"))
+SOAK_S = float(os.environ.get("DORA_GATEWAY_SOAK_SECONDS", "90"))
 WORKERS = 6
 WARM_UP_FRACTION = 0.25
 # Growth allowed once warm: the gateway keeps bounded windows of recent requests (dashboard).
