@@ -121,6 +121,14 @@ class S3Trees:
         _put_bytes(tree.join(MANIFEST), manifest.encode(), "application/json")
         return str(tree)
 
+    def check(self) -> None:
+        """Ask for the bucket itself: a missing bucket, refused credentials or a dead endpoint
+        fail here, before anything is published (a missing object would not tell a missing
+        bucket apart)."""
+        bucket = S3Url(self.root.bucket, "")
+        with _store_errors(bucket):
+            _client().head_bucket(Bucket=bucket.bucket)
+
     def exists(self, key: str) -> bool:
         """Whether the tree `key` was published (its manifest is there)."""
         try:

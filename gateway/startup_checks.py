@@ -19,9 +19,6 @@ from adapters.tree_cache import TreeCache
 from gateway.config import GatewayConfig
 from gateway.registry.artifacts import ArtifactStore, LocalArtifacts, S3Artifacts
 
-# An artifact name no store holds: looking it up asks the store without changing it.
-STORE_PROBE = "startup-probe"
-
 
 class StartupError(DoraGatewayError):
     """The deployment cannot start; the message says what to do."""
@@ -72,7 +69,7 @@ def checked_artifact_store(config: GatewayConfig) -> ArtifactStore:
     store = S3Artifacts(config.store.url, compiled,
                         TreeCache(config.store.cache_dir, config.store.cache_max_bytes))
     try:
-        store.location(STORE_PROBE)
+        store.check()
     except SourceError as exc:
         raise StartupError(f"[store] url {config.store.url}: {exc.detail} (the endpoint and "
                            f"credentials come from the AWS environment: AWS_ENDPOINT_URL_S3, "

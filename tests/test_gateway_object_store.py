@@ -224,22 +224,36 @@ async def test_a_backend_that_could_not_fetch_is_a_502_and_not_a_refusal(gateway
     assert (await chat(gateway, "caps")).status_code == 200
 
 
-def test_wrong_credentials_stop_the_start_with_the_reason(tmp_path, llama_base, s3_server):
-    bucket = s3_server.create_bucket(new_bucket_name())
+def serve_with_store(tmp_path, llama_base, server: S3Server, bucket: str,
+                     credentials: tuple[str, str]) -> subprocess.CompletedProcess:
+    """`dora-gateway serve` with `s3://BUCKET/store`, run until it exits."""
     adapters_dir = tmp_path / "adapters"
     adapters_dir.mkdir()
     config = write_config(tmp_path / "gateway.toml", model=llama_base, adapters_dir=adapters_dir,
                           roots=[], backends=["http://127.0.0.1:9"],
                           store_url=f"s3://{bucket}/store")
     env = {name: value for name, value in os.environ.items() if not name.startswith("AWS_")}
-    env.update(s3_server.env("AKIAWRONGWRONGWRONG", "wrong-secret"),
-               DORA_GATEWAY_HOME=str(tmp_path / "home"))
+    env.update(server.env(*credentials), DORA_GATEWAY_HOME=str(tmp_path / "home"))
+    return subprocess.run([GATEWAY_CLI, "serve", "--config", str(config)], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_wrong_credentials_stop_the_start_with_the_reason(tmp_path, llama_base, s3_server):
+    bucket = s3_server.create_bucket(new_bucket_name())
     with s3_server.enforcing_auth():
-        result = subprocess.run([GATEWAY_CLI, "serve", "--config", str(config)], env=env,
-                                capture_output=True, text=True, timeout=300)
+        result = serve_with_store(tmp_path, llama_base, s3_server, bucket,
+                                  ("AKIAWRONGWRONGWRONG", "wrong-secret"))
     assert result.returncode != 0
     assert f"[store] url s3://{bucket}/store" in result.stderr, result.stderr
     assert "access denied" in result.stderr, result.stderr
+
+
+def test_a_missing_bucket_stops_the_start_with_the_reason(tmp_path, llama_base, s3_server):
+    bucket = new_bucket_name()
+    result = serve_with_store(tmp_path, llama_base, s3_server, bucket, ("testing", "testing"))
+    assert result.returncode != 0
+    assert f"[store] url s3://{bucket}/store: no such object or bucket" in result.stderr, \
+        result.stderr
 
 
 async def test_an_hf_source_is_read_from_the_hub_cache_and_pins_its_commit(

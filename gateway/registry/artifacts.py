@@ -97,6 +97,10 @@ class S3Artifacts:
         self._trees = S3Trees(url)
         self._cache = cache
 
+    def check(self) -> None:
+        """`SourceError` unless the bucket is there and these credentials reach it."""
+        self._trees.check()
+
     def publish(self, artifact: Path) -> str:
         return self._trees.publish(f"{COMPILED}/{artifact.name}", artifact)
 
