@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache
+from functools import lru_cache
 from pathlib import Path
 
 import httpx
@@ -32,7 +32,10 @@ def complete(base_url: str, model: str, prompt: str, max_tokens: int = 8) -> Com
                       logprobs=choice["logprobs"]["token_logprobs"])
 
 
-@cache
+# A few at a time: each is a whole copy of the base model (540 MB for the default one), and an
+# unbounded cache held over 10 GB in the test process, pushing the model files out of the page
+# cache that every engine start reads. Callers check one adapter's completions together.
+@lru_cache(maxsize=3)
 def _reference_model(base_dir: Path, adapter_dir: Path | None, dtype: torch.dtype,
                      ) -> torch.nn.Module:
     if adapter_dir is None:

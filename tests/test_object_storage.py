@@ -43,7 +43,7 @@ CONVERGE_S = 60
 
 @dataclass
 class Cluster:
-    """Everything the tests run against; `start_*` (re)start with fresh homes."""
+    """Everything the tests run against; `start` (re)starts it with fresh homes."""
 
     s3: S3Server
     relay: TcpRelay
@@ -72,7 +72,15 @@ class Cluster:
         home.mkdir(parents=True)
         return home
 
-    def start_replicas(self) -> None:
+    def start(self) -> None:
+        """Replicas and gateways together (a gateway is healthy once one replica is), each
+        with a fresh home; returns once all are up."""
+        self._launch_replicas()
+        self.start_gateways()
+        for replica in self.replicas:
+            replica.wait_ready()
+
+    def _launch_replicas(self) -> None:
         """Replica 1 loads the model from its directory; replica 2 by Hub id, offline."""
         hub = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(self.hub_cache)}
         models = (self.default_model, Path(BASE_REPO))
@@ -85,8 +93,6 @@ class Cluster:
             self.replicas.append(EngineProcess(settings, TEST_OUTPUT / f"s3-replica{index}.log"))
         for replica in self.replicas:
             replica.start()
-        for replica in self.replicas:
-            replica.wait_ready()
 
     def start_gateways(self) -> None:
         with ThreadPoolExecutor(2) as pool:
@@ -132,8 +138,7 @@ def cluster(default_model, demo_adapters, tmp_path_factory) -> Iterator[Cluster]
                        COMMIT)
         group = Cluster(s3, relay, postgres.create_database("objects"), default_model,
                         demo_adapters, directory, hub_cache)
-        group.start_replicas()
-        group.start_gateways()
+        group.start()
         yield group
     finally:
         if group is not None:
@@ -316,8 +321,7 @@ def test_a_gateway_killed_mid_upload_leaves_nothing_and_a_restart_of_everything_
     # At most whole blobs, never a manifest: nothing under a final key names the upload.
     assert all(key.startswith("store/blobs/") for key in store_keys(cluster) - keys)
     cluster.stop()
-    cluster.start_replicas()
-    cluster.start_gateways()
+    cluster.start()
     a, b = cluster.gateways["a"], cluster.gateways["b"]
     assert set(listed(a)) == set(listed(b)) == {"caps", "pirate", "brief"}
     assert {name: gateway_text(b, name) for name in before} == before
