@@ -21,6 +21,7 @@ from pathlib import Path
 import boto3
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.engine.process import EngineProcess, EngineSettings
 from tests.conftest import TEST_OUTPUT
@@ -38,7 +39,7 @@ USER_ADAPTERS = "s3://user/adapters"
 BASE_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
 ADAPTER_REPO = "demo-org/dora-adapters"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
-CONVERGE_S = 60
+CONVERGE_S = 120
 
 
 @dataclass
@@ -79,6 +80,9 @@ class Cluster:
         self.start_gateways()
         for replica in self.replicas:
             replica.wait_ready()
+        for name, gateway in self.gateways.items():
+            eventually(lambda gateway=gateway: backends_up(gateway) == {
+                replica.base_url for replica in self.replicas}, f"gateway {name} sees both up")
 
     def _launch_replicas(self) -> None:
         """Replica 1 loads the model from its directory; replica 2 by Hub id, offline."""
@@ -199,6 +203,22 @@ def gateway_text(gateway: GatewayProcess, model: str) -> str:
     return response.json()["choices"][0]["text"]
 
 
+def served_models(replica_url: str) -> set[str]:
+    """What vLLM itself serves: the base model and the adapters loaded on it."""
+    response = httpx.get(f"{replica_url}/v1/models", timeout=60)
+    assert response.status_code == 200, response.text
+    return {model["id"] for model in response.json()["data"]}
+
+
+def backends_up(gateway: GatewayProcess) -> set[str]:
+    """The replicas `gateway` counts as up (its own health checks, every 5 s)."""
+    with admin(gateway) as client:
+        metrics = client.get("/metrics").text
+    return {sample.labels["backend"] for family in text_string_to_metric_families(metrics)
+            for sample in family.samples
+            if sample.name == "dora_gateway_backend_up" and sample.value == 1}
+
+
 def eventually(check: Callable[[], bool], what: str) -> None:
     deadline = time.monotonic() + CONVERGE_S
     while not check():
@@ -207,8 +227,14 @@ def eventually(check: Callable[[], bool], what: str) -> None:
 
 
 def assert_served_as_peft(cluster: Cluster, adapters: dict[str, str]) -> None:
-    """Every replica answers each adapter (name -> demo directory) as PEFT does."""
+    """Every replica answers each adapter (name -> demo directory) as PEFT does, once it has
+    it: the gateways load eagerly, at once on a replica they see up, within their next health
+    round on one that came up after them."""
     entries = listed(cluster.gateways["a"])
+    internal = {entries[name]["internal_name"] for name in adapters}
+    for replica in cluster.replicas:
+        eventually(lambda replica=replica: internal <= served_models(replica.base_url),
+                   f"{replica.base_url} has {sorted(adapters)} loaded")
     for name, demo_name in adapters.items():
         internal = entries[name]["internal_name"]
         for replica in cluster.replicas:
