@@ -8,22 +8,26 @@ completion routes, so none of vLLM's own routes is reachable through the gateway
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from gateway.accounting import Accounting
 from gateway.api.admin_routes import admin_router, is_upload_path
 from gateway.api.body_limit import BodyLimitMiddleware
 from gateway.api.error_handlers import install_error_handlers
 from gateway.api.health_route import health_router
 from gateway.api.json_body import JsonBodyMiddleware
+from gateway.api.limit_routes import limit_router
 from gateway.api.observability_routes import observability_router
 from gateway.api.openai_routes import openai_router
 from gateway.api.request_ids import RequestIdMiddleware
 from gateway.api.shutdown_gate import ShutdownGate, ShutdownGateMiddleware
 from gateway.api.slow_clients import WriteTimeoutMiddleware
 from gateway.config import GatewayConfig
+from gateway.errors import RegistryUnavailable
 from gateway.registry import AdapterRegistry
 from gateway.registry.sync import follow
 from gateway.telemetry.hub import Telemetry
@@ -42,13 +46,17 @@ def create_app(config: GatewayConfig, registry: AdapterRegistry, backends: Backe
         await backends.check_health()
         if eager:
             await load_eagerly(registry, backends.healthy())
-        watcher = asyncio.create_task(watch(backends, registry, eager=eager))
-        following = asyncio.create_task(follow(registry))
+        await _refresh_limits(accounting)
+        tasks = [asyncio.create_task(watch(backends, registry, eager=eager)),
+                 asyncio.create_task(follow(registry)),
+                 asyncio.create_task(accounting.run())]
         try:
             yield
         finally:
-            watcher.cancel()
-            following.cancel()
+            for task in tasks:
+                task.cancel()
+            await asyncio.wait(tasks)
+            await accounting.aclose()
 
     app = FastAPI(title="dora-gateway", docs_url=None, redoc_url=None, openapi_url=None,
                   lifespan=lifespan)
@@ -57,14 +65,17 @@ def create_app(config: GatewayConfig, registry: AdapterRegistry, backends: Backe
                     cache_salt_secret=config.server.cache_salt_secret)
     telemetry = Telemetry(config.metrics.window_seconds)
     telemetry.watch(access.in_flight, backends.health, registry.entries)
+    accounting = Accounting.build(config.limits, config.tenants, registry.database, telemetry)
     backends.on_metrics(telemetry.engine_metrics_read)
     registry.add_observer(telemetry)
     app.state.shutdown_gate = ShutdownGate()
-    app.include_router(openai_router(access, registry, backends, telemetry,
+    app.include_router(openai_router(access, accounting.quota, registry, backends, telemetry,
                                      app.state.shutdown_gate.cuttable))
     app.include_router(admin_router(access, registry, backends, eager=eager,
                                     max_source_bytes=config.adapters.max_upload_bytes))
-    app.include_router(health_router(backends))
+    app.include_router(limit_router(access, {tenant.name: tenant for tenant in config.tenants},
+                                    accounting.book, accounting.quota, accounting.ledger))
+    app.include_router(health_router(backends, accounting))
     app.include_router(observability_router(access, telemetry))
     install_error_handlers(app)
 
@@ -81,3 +92,10 @@ def create_app(config: GatewayConfig, registry: AdapterRegistry, backends: Backe
     app.add_middleware(ShutdownGateMiddleware, gate=app.state.shutdown_gate)
     app.add_middleware(RequestIdMiddleware)
     return app
+
+
+async def _refresh_limits(accounting: Accounting) -> None:
+    """Admin-set limits in force from the first request (the database was reached at start;
+    if it has just gone, the config's hold until it is back)."""
+    with contextlib.suppress(RegistryUnavailable):
+        await accounting.book.refresh()

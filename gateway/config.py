@@ -22,13 +22,16 @@ from adapters import paths
 from adapters.errors import ProblemsError, SourceError
 from adapters.object_store import S3Url
 from gateway.names import NAME_PATTERN, valid_name
+from gateway.quota.policy import BudgetPeriod, TenantLimits
 from gateway.tenancy.keys import parse_key, parse_secret
 from gateway.tenancy.tenants import ALL_ADAPTERS, Tenant
 from gateway.upstream.discovery import is_dns_backend
 from gateway.upstream.routing import DEFAULT_LOAD_FACTOR, POLICIES
 
 SECTIONS = {"model", "server", "engine", "adapters", "registry", "store", "admin", "metrics",
-            "tenants", "routing"}
+            "tenants", "routing", "limits"}
+LIMITS_FAIL = ("open", "closed")
+LIMITS_STORE_SCHEMES = ("redis", "rediss")
 METRICS_ACCESS = ("local", "key", "open")
 REGISTRY_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg", "postgres")
 DTYPES = {"auto", "half", "float16", "bfloat16", "float", "float32"}
@@ -36,6 +39,7 @@ DTYPES = {"auto", "half", "float16", "bfloat16", "float", "float32"}
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 DEFAULT_MAX_CONCURRENCY = 4
 DEFAULT_MAX_TOKENS = 1024
+LIMIT_KEYS = ("requests_per_minute", "tokens_per_minute", "token_budget", "budget_period")
 T = TypeVar("T")
 
 
@@ -111,6 +115,18 @@ class StoreConfig:
     cache_max_bytes: int = 10 << 30
 
 
+@dataclass(frozen=True)
+class LimitsConfig:
+    """`[limits]`: where the tenants' rate-limit counters live. No `store`: in this gateway's
+    memory (one gateway); `redis://host:port/db`: one Redis that every replica shares, so a
+    tenant has one limit, not one per replica. `fail`: what happens to requests of limited
+    tenants while the store is unreachable: "open" lets them through unlimited, "closed"
+    refuses them with 503."""
+
+    store: str = field(default="", repr=False)
+    fail: str = "open"
+
+
 def default_registry_url() -> str:
     return f"sqlite:///{paths.home() / 'registry.sqlite3'}"
 
@@ -139,6 +155,7 @@ class GatewayConfig:
         default_registry_url()))
     routing: RoutingConfig = RoutingConfig()
     store: StoreConfig = field(default_factory=StoreConfig)
+    limits: LimitsConfig = LimitsConfig()
 
 
 def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> GatewayConfig:
@@ -181,6 +198,7 @@ class _Reader:
         admin = self.table(data, "admin", {"api_keys"})
         metrics = self.table(data, "metrics", {"access", "api_keys", "window_seconds"})
         routing = self.table(data, "routing", {"policy", "load_factor"})
+        limits = self.table(data, "limits", {"store", "fail"})
         return GatewayConfig(
             source=source,
             model_path=self.path(model, "model", "path", paths.default_model_dir()),
@@ -193,6 +211,7 @@ class _Reader:
             registry=self.registry(registry),
             routing=self.routing(routing),
             store=self.store(store),
+            limits=self.limits(limits),
         )
 
     def server(self, table: dict) -> ServerConfig:
@@ -299,6 +318,17 @@ class _Reader:
                                          defaults.cache_max_bytes),
         )
 
+    def limits(self, table: dict) -> LimitsConfig:
+        defaults = LimitsConfig()
+        store = self.value(table, "limits", "store", str, defaults.store)
+        if store and httpx.URL(store).scheme not in LIMITS_STORE_SCHEMES:
+            self.problems.append("limits.store: must be a redis:// or rediss:// URL (or absent "
+                                 "for counters in this gateway's memory)")
+        fail = self.value(table, "limits", "fail", str, defaults.fail)
+        if fail not in LIMITS_FAIL:
+            self.problems.append(f"limits.fail: {fail!r} is not one of {list(LIMITS_FAIL)}")
+        return LimitsConfig(store=store, fail=fail)
+
     def metrics(self, table: dict) -> MetricsConfig:
         defaults = MetricsConfig()
         access = self.value(table, "metrics", "access", str, defaults.access)
@@ -321,7 +351,7 @@ class _Reader:
             if not valid_name(name):
                 self.problems.append(f"{where}: the name must match {NAME_PATTERN}")
             table = self.table(tables, name, {"api_keys", "adapters", "max_concurrency",
-                                              "max_tokens"}, where=where)
+                                              "max_tokens", *LIMIT_KEYS}, where=where)
             adapters = self.strings(table, where, "adapters")
             for adapter in adapters:
                 if adapter != ALL_ADAPTERS and not valid_name(adapter):
@@ -334,8 +364,28 @@ class _Reader:
                 max_concurrency=self.integer(table, where, "max_concurrency",
                                              DEFAULT_MAX_CONCURRENCY),
                 max_tokens=self.integer(table, where, "max_tokens", DEFAULT_MAX_TOKENS),
+                limits=self.tenant_limits(table, where),
             ))
         return tuple(tenants)
+
+    def tenant_limits(self, table: dict, where: str) -> TenantLimits:
+        def optional(key: str) -> int | None:
+            """A positive integer, or None when absent (or wrong: the problem is recorded)."""
+            if key not in table:
+                return None
+            value = self.value(table, where, key, int, None)
+            if value is not None and value < 1:
+                self.problems.append(f"{where}.{key}: must be at least 1, got {value}")
+                return None
+            return value
+
+        period = self.value(table, where, "budget_period", str, str(BudgetPeriod.DAY))
+        if period not in tuple(BudgetPeriod):
+            self.problems.append(f"{where}.budget_period: {period!r} is not one of "
+                                 f"{[str(p) for p in BudgetPeriod]}")
+            period = BudgetPeriod.DAY
+        return TenantLimits(optional("requests_per_minute"), optional("tokens_per_minute"),
+                            optional("token_budget"), BudgetPeriod(period))
 
     def keys(self, table: dict, where: str, owner: str, *, required: bool) -> tuple[bytes, ...]:
         specs = self.strings(table, where, "api_keys")

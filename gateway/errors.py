@@ -14,7 +14,7 @@ from starlette.responses import JSONResponse
 from adapters.errors import DoraGatewayError, SourceError
 
 ERROR_TYPES = ("invalid_request_error", "authentication_error", "permission_error",
-               "not_found_error", "rate_limit_error", "server_error")
+               "not_found_error", "rate_limit_error", "insufficient_quota", "server_error")
 
 
 def error_type_for(status: int) -> str:
@@ -119,6 +119,30 @@ class RateLimited(GatewayError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, headers={"Retry-After": "1"})
+
+
+class LimitExceeded(GatewayError):
+    """Over a requests- or tokens-per-minute limit; `headers` say when to retry."""
+
+    status = 429
+    error_type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
+class QuotaSpent(GatewayError):
+    """The tenant's token budget for the period is spent (OpenAI's `insufficient_quota`):
+    retrying before the next period cannot help."""
+
+    status = 429
+    error_type = "insufficient_quota"
+    code = "insufficient_quota"
+
+
+class LimitsUnavailable(GatewayError):
+    """The limit counters cannot be reached and `[limits] fail` is "closed"."""
+
+    status = 503
+    code = "limits_unavailable"
 
 
 class BackendError(GatewayError):

@@ -16,7 +16,8 @@ from tests.factories import LLAMA_TARGETS, random_adapter, tiny_gpt2, tiny_llama
 from tests.gateway_process import GatewayProcess, write_config
 from tests.vllm_layers import single_process_vllm
 
-pytest_plugins = ["tests.gateway_fixtures", "tests.s3_server", "tests.hub_cache"]
+pytest_plugins = ["tests.gateway_fixtures", "tests.s3_server", "tests.hub_cache",
+                  "tests.redis_server"]
 
 DEMO_ADAPTERS = ("caps", "pirate", "brief", "caps-lora")
 TEST_OUTPUT = Path(__file__).resolve().parent.parent / "test-output"

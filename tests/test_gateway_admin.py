@@ -216,4 +216,5 @@ async def test_delete_unloads_and_later_requests_404(gateway):
 async def test_health_needs_no_key(gateway):
     async with gateway.client() as client:
         response = await client.get("/health")
-    assert response.status_code == 200 and response.json() == {"status": "ok"}
+    assert response.status_code == 200 and response.json() == {
+        "status": "ok", "limits": {"store": "memory", "reachable": True, "fail": "open"}}

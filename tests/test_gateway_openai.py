@@ -439,7 +439,7 @@ async def test_no_healthy_backend_is_503(gateway, vllm):
         assert (await client.get("/health")).status_code == 503
         vllm.down = False
         await gateway.pool.check_health()
-        assert (await client.get("/health")).json() == {"status": "ok"}
+        assert (await client.get("/health")).json()["status"] == "ok"
     assert (await chat(gateway, model="base")).status_code == 200
 
 

@@ -21,7 +21,7 @@ from gateway.registry import AdapterRegistry, RegistryDatabase
 from gateway.registry.artifacts import LocalArtifacts
 from gateway.registry.database import RegistryUnreachable
 from gateway.registry.entries import ADAPTERS_DIR, Origin
-from gateway.registry.schema import SchemaTooNew
+from gateway.registry.schema import SCHEMA_VERSION, SchemaTooNew
 from gateway.upstream.pool import BackendPool
 from tests.factories import LLAMA_TARGETS, random_adapter
 from tests.gateway_fakes import FakeVllm, fake_transport
@@ -192,7 +192,7 @@ def test_a_version_1_registry_is_migrated_and_keeps_its_adapters(tmp_path):
                                                                None)
     with sqlite3.connect(path) as connection:
         versions = connection.execute("SELECT version FROM schema_version").fetchall()
-    assert versions == [(1,), (2,)]
+    assert versions == [(version,) for version in range(1, SCHEMA_VERSION + 1)]
 
 
 def test_an_unreadable_registry_is_a_clear_error_at_start(tmp_path):

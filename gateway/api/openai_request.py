@@ -9,6 +9,8 @@ vLLM's usage; the proxy hides it from clients that did not ask).
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,6 +26,13 @@ from gateway.upstream.stream_events import RESPONSES_PATH
 
 MAX_N = 8
 GATEWAY_FIELDS = ("cache_salt", "request_id")
+# The fields a prompt is in, per route; their JSON text is what a prompt's tokens are guessed
+# from, at OpenAI's rule of thumb of about 4 characters a token (the guess is settled with
+# vLLM's count when the answer ends).
+PROMPT_FIELDS = ("messages", "prompt", "input", "instructions")
+CHARS_PER_TOKEN = 4
+# vLLM's output cap for a completion that gives none.
+COMPLETIONS_DEFAULT_TOKENS = 16
 
 
 @dataclass(frozen=True)
@@ -100,6 +109,23 @@ def upstream_body(body: dict, route: Route, tenant: Tenant, *, model: str, cache
     if unbounded:
         forwarded[route.token_fields[0]] = tenant.max_tokens
     return forwarded
+
+
+def prompt_estimate(forwarded: dict) -> int:
+    """A guess of the prompt's tokens from its text, before vLLM has counted them."""
+    chars = sum(len(json.dumps(forwarded[field], ensure_ascii=False))
+                for field in PROMPT_FIELDS if field in forwarded)
+    return math.ceil(chars / CHARS_PER_TOKEN)
+
+
+def output_cap(forwarded: dict, route: Route) -> int:
+    """The most tokens the request can generate: its token cap (which `upstream_body` makes
+    explicit where vLLM would have none) for each of its `n` choices."""
+    caps = [forwarded[field] for field in route.token_fields
+            if isinstance(forwarded.get(field), int)]
+    cap = caps[0] if caps else COMPLETIONS_DEFAULT_TOKENS
+    n = forwarded.get("n")
+    return cap * (n if isinstance(n, int) and n > 0 else 1)
 
 
 def hides_usage(body: dict, route: Route) -> bool:

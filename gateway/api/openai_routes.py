@@ -20,12 +20,15 @@ from gateway.api.openai_request import (
     Route,
     check_limits,
     hides_usage,
+    output_cap,
+    prompt_estimate,
     read_body,
     resolve_model,
     upstream_body,
 )
 from gateway.errors import ModelNotFound
 from gateway.names import BASE_MODEL
+from gateway.quota.guard import Quota
 from gateway.registry import AdapterRegistry
 from gateway.telemetry.hub import Telemetry
 from gateway.tenancy.access import Access
@@ -38,7 +41,7 @@ from gateway.upstream.vllm_api import SERVED_BASE_MODEL
 OWNER = "dora-gateway"
 
 
-def openai_router(access: Access, registry: AdapterRegistry, pool: BackendPool,
+def openai_router(access: Access, quota: Quota, registry: AdapterRegistry, pool: BackendPool,
                   telemetry: Telemetry, upstream_wait: UpstreamWait) -> APIRouter:
     """`upstream_wait`: the scope each wait for vLLM runs in (the shutdown gate's, which cuts
     what still waits when the grace period ends)."""
@@ -50,19 +53,29 @@ def openai_router(access: Access, registry: AdapterRegistry, pool: BackendPool,
         body = read_body(request)
         entry = resolve_model(registry, tenant, body["model"])
         meter = telemetry.meter(tenant.name, entry)
-        with meter.failures():
-            check_limits(body, tenant, route)
-            lease = access.admit(tenant)
         request_id = request_ids.request_id(request)
         model = entry.internal_name if entry else SERVED_BASE_MODEL
-        forwarded = upstream_body(body, route, tenant, model=model,
-                                  cache_salt=access.cache_salt(tenant), request_id=request_id)
+        with meter.failures():
+            check_limits(body, tenant, route)
+            forwarded = upstream_body(body, route, tenant, model=model,
+                                      cache_salt=access.cache_salt(tenant),
+                                      request_id=request_id)
+            charge = await quota.admit(tenant.name, prompt_estimate=prompt_estimate(forwarded),
+                                       output_cap=output_cap(forwarded, route))
+            try:
+                lease = access.admit(tenant)
+            except BaseException:
+                quota.refund(charge)
+                raise
+        meter.on_finish(functools.partial(quota.settle, charge))
         target = Target(path=route.path, body=forwarded, client_model=body["model"],
                         upstream_model=model, request_id=request_id, meter=meter,
                         prepare=None if entry is None else functools.partial(
                             registry.ensure_loaded, entry),
                         hide_usage=hides_usage(body, route))
-        return await forward(request, target, pool, lease, upstream_wait)
+        response = await forward(request, target, pool, lease, upstream_wait)
+        response.headers.update(charge.headers)
+        return response
 
     @router.post(CHAT.path)
     async def chat_completions(request: Request) -> Response:

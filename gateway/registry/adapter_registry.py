@@ -83,6 +83,11 @@ class AdapterRegistry:
         self._lock = asyncio.Lock()
         self._observers: list[RegistryObserver] = []
 
+    @property
+    def database(self) -> RegistryDatabase:
+        """The durable registry, which also keeps the tenants' limits and usage."""
+        return self._database
+
     def add_observer(self, observer: RegistryObserver) -> None:
         """Tell `observer` of every compile (those already done included) and load."""
         self._observers.append(observer)

@@ -70,6 +70,12 @@ class RegistryDatabase:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
 
+    @property
+    def engine(self) -> Engine:
+        """For the other tables' owners (usage, tenant limits), which share the connection
+        pool."""
+        return self._engine
+
     @classmethod
     def open(cls, url: str) -> RegistryDatabase:
         """Connect and bring the schema up to date; `RegistryUnreachable` if that fails."""

@@ -27,6 +27,7 @@ from sqlalchemy import (
     select,
     text,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 
 from adapters.errors import DoraGatewayError
 
@@ -70,6 +71,38 @@ registry_generation = Table(
     Column("generation", BigInteger, nullable=False),
 )
 
+# Since version 3: requests and tokens per tenant, adapter and UTC hour (`hour` is the hour's
+# start in Unix seconds). Replicas add to a row, never overwrite it.
+usage_hourly = Table(
+    "usage_hourly", metadata,
+    Column("tenant", Text, primary_key=True),
+    Column("adapter", Text, primary_key=True),
+    Column("hour", BigInteger, primary_key=True),
+    Column("requests", BigInteger, nullable=False),
+    Column("errors", BigInteger, nullable=False),
+    Column("prompt_tokens", BigInteger, nullable=False),
+    Column("completion_tokens", BigInteger, nullable=False),
+)
+
+# Since version 3: limits an admin set through the API; they override the config's for that
+# tenant, and NULL is no such limit.
+tenant_limits = Table(
+    "tenant_limits", metadata,
+    Column("tenant", Text, primary_key=True),
+    Column("requests_per_minute", BigInteger, nullable=True),
+    Column("tokens_per_minute", BigInteger, nullable=True),
+    Column("token_budget", BigInteger, nullable=True),
+    Column("budget_period", Text, nullable=True),
+    Column("updated_by", Text, nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
+)
+
+
+def upsert(table: Table, dialect: str) -> postgresql.Insert | sqlite.Insert:
+    """An INSERT of `dialect` (`engine.dialect.name`), which has `on_conflict_do_update`: a
+    row written in one statement whether or not another replica wrote it first."""
+    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
+
 
 class SchemaTooNew(DoraGatewayError):
     def __init__(self, found: int) -> None:
@@ -90,7 +123,14 @@ def _add_fetched_from(connection: Connection) -> None:
         connection.execute(text("ALTER TABLE adapters ADD COLUMN fetched_from TEXT"))
 
 
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _create_v1, 2: _add_fetched_from}
+def _add_usage_and_tenant_limits(connection: Connection) -> None:
+    """`checkfirst`, so the migration is safe wherever the tables exist already."""
+    usage_hourly.create(connection, checkfirst=True)
+    tenant_limits.create(connection, checkfirst=True)
+
+
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {
+    1: _create_v1, 2: _add_fetched_from, 3: _add_usage_and_tenant_limits}
 SCHEMA_VERSION = max(MIGRATIONS)
 # Any fixed number: PostgreSQL's advisory lock that serialises migrations across replicas.
 MIGRATION_LOCK = 0x646F7261

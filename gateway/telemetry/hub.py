@@ -53,10 +53,17 @@ class Telemetry:
         self.metrics = GatewayMetrics()
         self.window = LatencyWindow(window_s)
         self.engine_cost = EngineCost(window_s, dict)  # knows the adapters once `watch`ed
+        self._sinks: list[Callable[[RequestRecord], None]] = []
 
     def record(self, record: RequestRecord) -> None:
         self.metrics.observe(record)
         self.window.add(record)
+        for sink in self._sinks:
+            sink(record)
+
+    def add_sink(self, sink: Callable[[RequestRecord], None]) -> None:
+        """Also hand every finished request to `sink` (the usage ledger)."""
+        self._sinks.append(sink)
 
     def meter(self, tenant: str, adapter: Adapter | None) -> RequestMeter:
         """A meter for one request of `tenant` for `adapter` (None: the base model)."""

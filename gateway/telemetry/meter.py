@@ -1,8 +1,10 @@
 """Timing one completion request as it passes through the gateway.
 
 The routes and the proxy call the meter at each milestone; `finish` (first call wins) turns
-the readings into a `RequestRecord` and hands it to the sink (Prometheus and the dashboard's
-window). Every path out of a request, error or disconnect included, ends in `finish`.
+the readings into a `RequestRecord` and hands it to the sink (Prometheus, the dashboard's
+window and the usage ledger) and to the request's own observers (its token charge, settled
+with the real usage). Every path out of a request, error or disconnect included, ends in
+`finish`.
 """
 
 from __future__ import annotations
@@ -29,7 +31,13 @@ class RequestMeter:
         self._first_token: float | None = None
         self._last_token: float | None = None
         self._usage: dict = {}
+        self._text_chunks = 0
+        self._observers: list[Callable[[RequestRecord], None]] = []
         self._finished = False
+
+    def on_finish(self, observer: Callable[[RequestRecord], None]) -> None:
+        """Call `observer` with this request's record when it finishes."""
+        self._observers.append(observer)
 
     def upstream_started(self) -> None:
         self._upstream_started = self._clock()
@@ -41,6 +49,7 @@ class RequestMeter:
     def text_relayed(self) -> None:
         """A generated-text chunk went to the client (`telemetry.latency`'s definition)."""
         now = self._clock()
+        self._text_chunks += 1
         if self._first_token is None:
             self._first_token = now
         self._last_token = now
@@ -57,13 +66,17 @@ class RequestMeter:
         finished = self._clock()
         self.upstream_finished()
         tenant, adapter, adapter_type = self._labels
-        self._sink(RequestRecord(
+        record = RequestRecord(
             tenant=tenant, adapter=adapter, adapter_type=adapter_type,
             started=self._started, finished=finished,
             upstream_seconds=self._upstream_seconds(), status=status,
             first_token=self._first_token, last_token=self._last_token,
             prompt_tokens=_count(self._usage.get("prompt_tokens")),
-            completion_tokens=_count(self._usage.get("completion_tokens"))))
+            completion_tokens=_count(self._usage.get("completion_tokens")),
+            text_chunks=self._text_chunks)
+        self._sink(record)
+        for observer in self._observers:
+            observer(record)
 
     @contextmanager
     def failures(self) -> Iterator[None]:

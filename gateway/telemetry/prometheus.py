@@ -57,6 +57,9 @@ class GatewayMetrics:
                                       "Loading a compiled adapter into a vLLM backend",
                                       ("adapter_type",), buckets=ADAPTER_BUCKETS,
                                       registry=self.registry)
+        self.limit_refusals = Counter(f"{PREFIX}_rate_limited_requests",
+                                      "Requests refused by a tenant's limit (429)",
+                                      ("tenant", "limit"), registry=self.registry)
         self.adapter_refusals = Counter(f"{PREFIX}_adapter_load_refusals",
                                         "Adapter loads a vLLM backend refused (the adapter "
                                         "is then unservable)", ("adapter", "adapter_type"),

@@ -12,6 +12,10 @@ from enum import StrEnum
 
 from gateway.telemetry.latency import time_per_output_token
 
+# The status a request is counted with when its client left before the answer was complete
+# (nginx's "client closed request").
+CLIENT_CLOSED_REQUEST = 499
+
 
 class AdapterType(StrEnum):
     """The `adapter_type` label: what served a request (`BASE`: no adapter, the base model)."""
@@ -34,6 +38,9 @@ class RequestRecord:
     last_token: float | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    # Generated-text chunks relayed (a stream's tokens, one per chunk in vLLM's streams): what
+    # is known of an aborted stream's output, for which vLLM sends no usage.
+    text_chunks: int = 0
 
     @property
     def ok(self) -> bool:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from gateway.quota.policy import TenantLimits
 
 ALL_ADAPTERS = "*"
 
@@ -15,6 +17,7 @@ class Tenant:
     adapters: frozenset[str]
     max_concurrency: int
     max_tokens: int
+    limits: TenantLimits = field(default_factory=TenantLimits)
 
     def may_use(self, adapter: str) -> bool:
         return ALL_ADAPTERS in self.adapters or adapter in self.adapters

@@ -21,11 +21,12 @@ from starlette.responses import Response
 from starlette.types import Receive
 
 from gateway.errors import BackendError, BackendUnavailable, BackendUnreachable, ShuttingDown
+from gateway.telemetry.records import CLIENT_CLOSED_REQUEST
 from gateway.tenancy.limits import Lease
 from gateway.upstream import engine_errors, stream_events
 from gateway.upstream.pool import Backend, BackendPool, Visit
 from gateway.upstream.stream_relay import UpstreamStream
-from gateway.upstream.target import CLIENT_CLOSED_REQUEST, Target, UpstreamWait
+from gateway.upstream.target import Target, UpstreamWait
 
 T = TypeVar("T")
 

@@ -22,10 +22,11 @@ from starlette.types import Receive, Scope, Send
 from gateway.errors import BackendError, BackendTimeout, GatewayError, ShuttingDown
 from gateway.telemetry.latency import carries_generated_text
 from gateway.telemetry.meter import RequestMeter
+from gateway.telemetry.records import CLIENT_CLOSED_REQUEST
 from gateway.tenancy.limits import Lease
 from gateway.upstream import engine_errors, stream_events
 from gateway.upstream.pool import Visit
-from gateway.upstream.target import CLIENT_CLOSED_REQUEST, Target, UpstreamWait
+from gateway.upstream.target import Target, UpstreamWait
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,6 @@ import anyio
 from gateway.telemetry.meter import RequestMeter
 from gateway.upstream.pool import Backend
 
-# The status a request is counted with when its client left before the answer was complete.
-CLIENT_CLOSED_REQUEST = 499
 # A scope around one wait for vLLM (an answer, a stream's next line), cancelled when a
 # stopping gateway cuts what still waits (`ShutdownGate.cuttable`).
 UpstreamWait = Callable[[], AbstractContextManager[anyio.CancelScope]]
