@@ -319,9 +319,13 @@ class _Reader:
         )
 
     def limits(self, table: dict) -> LimitsConfig:
+        """`store`: plain or `env:VAR` (a Redis URL may hold a password)."""
         defaults = LimitsConfig()
-        store = self.value(table, "limits", "store", str, defaults.store)
-        if store and httpx.URL(store).scheme not in LIMITS_STORE_SCHEMES:
+        store, problem = parse_secret(self.value(table, "limits", "store", str, defaults.store),
+                                      self.environ)
+        if problem:
+            self.problems.append(f"limits.store: {problem}")
+        elif store and store.partition("://")[0] not in LIMITS_STORE_SCHEMES:
             self.problems.append("limits.store: must be a redis:// or rediss:// URL (or absent "
                                  "for counters in this gateway's memory)")
         fail = self.value(table, "limits", "fail", str, defaults.fail)

@@ -296,3 +296,33 @@ load_factor = 0.5
     assert "'dns+http://vllm:8000/v1' is not" in found
     assert "routing.policy: 'random' is not one of ['adapter-affinity', 'round-robin']" in found
     assert "routing.load_factor: must be at least 1, got 0.5" in found
+
+
+def test_limits_per_tenant_and_the_counter_store(tmp_path):
+    config = load_config(write(tmp_path, MINIMAL + 'requests_per_minute = 60\n'
+                               'tokens_per_minute = 40000\ntoken_budget = 1000000\n'
+                               'budget_period = "month"\n'
+                               '[limits]\nstore = "env:LIMITS_URL"\nfail = "closed"\n'),
+                         {"LIMITS_URL": "redis://:pw@redis.internal:6379/0"})
+    (acme,) = config.tenants
+    assert (acme.limits.requests_per_minute, acme.limits.tokens_per_minute,
+            acme.limits.token_budget, acme.limits.budget_period) == (60, 40000, 1000000, "month")
+    assert (config.limits.store, config.limits.fail) == ("redis://:pw@redis.internal:6379/0",
+                                                         "closed")
+    default = load_config(write(tmp_path, MINIMAL), {})
+    assert not default.tenants[0].limits.any
+    assert (default.limits.store, default.limits.fail) == ("", "open")
+
+
+def test_every_bad_limit_is_reported_at_once(tmp_path):
+    found = problems(tmp_path, MINIMAL + 'requests_per_minute = 0\ntokens_per_minute = "many"\n'
+                     'token_budget = -5\nbudget_period = "week"\n'
+                     '[limits]\nstore = "memcached://x"\nfail = "maybe"\n')
+    assert "tenants.acme.requests_per_minute: must be at least 1, got 0" in found
+    assert "tenants.acme.tokens_per_minute: must be an integer, got a string" in found
+    assert "tenants.acme.token_budget: must be at least 1, got -5" in found
+    assert "tenants.acme.budget_period: 'week' is not one of ['day', 'month']" in found
+    assert "limits.store: must be a redis:// or rediss:// URL" in found
+    assert "limits.fail: 'maybe' is not one of ['open', 'closed']" in found
+    assert "limits.store: environment variable 'NOPE' is not set or empty" in problems(
+        tmp_path, MINIMAL + '[limits]\nstore = "env:NOPE"\n')
