@@ -23,6 +23,7 @@ from gateway.errors import RegistryUnavailable
 from gateway.quota import book as limits_book
 from gateway.quota.counters import Counters, MemoryCounters
 from gateway.quota.guard import Quota
+from gateway.quota.policy import LimitName
 from gateway.quota.redis_counters import RedisCounters
 from gateway.registry.database import RegistryDatabase
 from gateway.registry.tenant_limits import TenantLimitsTable
@@ -76,6 +77,21 @@ class Accounting:
         if self.ledger.pending_requests():
             log.warning("%d requests' usage could not be written: the registry database is "
                         "unreachable", self.ledger.pending_requests())
+
+    async def tenants_view(self, tenants: Iterable[Tenant],
+                           in_flight: Mapping[str, int]) -> list[dict]:
+        """Each tenant's use against its limits, for the dashboard: requests in flight, and
+        per limit its size, what is left and when it is whole again (`limits` None: the
+        counters are unreachable)."""
+        view = []
+        for tenant in tenants:
+            standing = await self.quota.standing(tenant.name)
+            if standing and LimitName.BUDGET in standing:
+                standing[LimitName.BUDGET]["period"] = str(
+                    self.book.limits(tenant.name).budget_period)
+            view.append({"tenant": tenant.name, "in_flight": in_flight.get(tenant.name, 0),
+                         "max_concurrency": tenant.max_concurrency, "limits": standing})
+        return view
 
     def health(self) -> Mapping[str, object]:
         return {"store": self.store, "reachable": self.quota.health.reachable,

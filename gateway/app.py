@@ -69,6 +69,7 @@ def create_app(config: GatewayConfig, registry: AdapterRegistry, backends: Backe
     backends.on_metrics(telemetry.engine_metrics_read)
     registry.add_observer(telemetry)
     app.state.shutdown_gate = ShutdownGate()
+    app.state.accounting = accounting
     app.include_router(openai_router(access, accounting.quota, registry, backends, telemetry,
                                      app.state.shutdown_gate.cuttable))
     app.include_router(admin_router(access, registry, backends, eager=eager,
@@ -76,7 +77,8 @@ def create_app(config: GatewayConfig, registry: AdapterRegistry, backends: Backe
     app.include_router(limit_router(access, {tenant.name: tenant for tenant in config.tenants},
                                     accounting.book, accounting.quota, accounting.ledger))
     app.include_router(health_router(backends, accounting))
-    app.include_router(observability_router(access, telemetry))
+    app.include_router(observability_router(access, telemetry, lambda: accounting.tenants_view(
+        config.tenants, access.in_flight())))
     install_error_handlers(app)
 
     def body_limit(path: str) -> int:

@@ -36,6 +36,7 @@ from gateway.registry.artifacts import LocalArtifacts
 from gateway.upstream.pool import BackendPool
 from tests.conftest import TEST_OUTPUT
 from tests.gateway_fakes import (
+    ACME_KEY,
     ADMIN_KEY,
     GLOBEX_KEY,
     FakeVllm,
@@ -167,14 +168,15 @@ class LiveGateway:
 
 @contextmanager
 def live_gateway(tmp_path: Path, base_dir: Path, demo_adapters: Path, store_dir: Path,
-                 metrics: str = "") -> Iterator[LiveGateway]:
+                 metrics: str = "", acme: str = "") -> Iterator[LiveGateway]:
     """The fake-vLLM gateway of tests/gateway_fakes.py (acme: caps and plain; globex: all of
-    `caps`, `pirate` (DoRA) and `plain` (LoRA)), with `metrics` as its `[metrics]` table."""
+    `caps`, `pirate` (DoRA) and `plain` (LoRA)), with `metrics` as its `[metrics]` table and
+    `acme` as more `[tenants.acme]` keys."""
     vllm = FakeVllm()
     adapters_dir = shutil.copytree(demo_adapters, tmp_path / "adapters")
     (tmp_path / "extra-root").mkdir()
     path = write_config(tmp_path, base_dir, adapters_dir, extra_root=tmp_path / "extra-root",
-                        backends=[vllm.url], eager=False)
+                        backends=[vllm.url], eager=False, acme=acme)
     if metrics:
         path.write_text(path.read_text() + "\n[metrics]\n" + metrics)
     config = load_config(path)
@@ -300,7 +302,7 @@ def test_empty_state_then_rows_appear_live_with_the_gateways_numbers(fake_gatewa
         expect(page.locator("#empty")).to_be_visible()
         expect(page.locator("#rows tr")).to_have_count(0)
         expect(page.locator("#status")).to_have_attribute("data-state", "live")
-        expect(page.locator("table caption")).to_have_text(
+        expect(page.locator("#adapters caption")).to_have_text(
             "Latency per adapter over the last 5 minutes, all tenants together")
 
         with fake_gateway.client(GLOBEX_KEY) as client:
@@ -335,6 +337,39 @@ def test_empty_state_then_rows_appear_live_with_the_gateways_numbers(fake_gatewa
         assert cell_text(page, "pirate", "ttft_p50_ms") == DASH
         assert cell_text(page, "pirate", "ttft_overhead_pct") == DASH
         percent(cell_text(page, "caps", "ttft_overhead_pct"))
+
+
+def test_tenants_use_against_their_limits(tmp_path, llama_base, demo, store_dir, browser):
+    """A budget does not refill, so what is left of it is exact: 50,000 less the usage vLLM
+    reported for acme's two requests (the fake reports 6 tokens each)."""
+    limits = "requests_per_minute = 60\ntokens_per_minute = 10000\ntoken_budget = 50000"
+    with live_gateway(tmp_path, llama_base, demo, store_dir, acme=limits) as gateway:
+        with gateway.client(ACME_KEY) as client:
+            for _ in range(2):
+                stream(client, "caps")
+        deadline = time.monotonic() + 30
+        while tenant_data(gateway.url, "acme")["limits"]["budget"]["remaining"] != 49_988:
+            assert time.monotonic() < deadline, tenant_data(gateway.url, "acme")
+            time.sleep(0.05)
+
+        with dashboard(browser, gateway.url) as page:
+            acme = page.locator('#tenant-rows tr[data-tenant="acme"]')
+            expect(acme).to_be_visible(timeout=POLLS_MS)
+            expect(acme.locator('[data-col="budget"] .limit-text')).to_have_text(
+                "49,988 of 50,000 left today")
+            assert re.fullmatch(r"\d+ of 60 left", acme.locator(
+                '[data-col="requests"] .limit-text').inner_text())
+            assert re.fullmatch(r"[\d,]+ of 10,000 left", acme.locator(
+                '[data-col="tokens"] .limit-text').inner_text())
+            assert acme.locator('[data-col="in_flight"]').inner_text() == "0 / 2"
+            globex = page.locator('#tenant-rows tr[data-tenant="globex"]')
+            assert [globex.locator(f'[data-col="{name}"]').inner_text()
+                    for name in ("requests", "tokens", "budget")] == ["no limit"] * 3
+
+
+def tenant_data(gateway_url: str, tenant: str) -> dict:
+    data = httpx.get(gateway_url + "/dashboard/data", timeout=10).json()
+    return next(item for item in data["tenants"] if item["tenant"] == tenant)
 
 
 def test_rendering_of_known_figures_and_names_only_as_text(fake_gateway, browser):

@@ -9,6 +9,7 @@ The dashboard is a static page (no CDN, nothing fetched from outside) that polls
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from importlib import resources
 
 from fastapi import APIRouter
@@ -25,7 +26,9 @@ ASSET_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; cha
                ".css": "text/css; charset=utf-8"}
 
 
-def observability_router(access: Access, telemetry: Telemetry) -> APIRouter:
+def observability_router(access: Access, telemetry: Telemetry,
+                         tenants: Callable[[], Awaitable[list[dict]]]) -> APIRouter:
+    """`tenants`: each tenant's use against its limits, for the dashboard."""
     router = APIRouter()
 
     @router.get("/metrics")
@@ -47,6 +50,7 @@ def observability_router(access: Access, telemetry: Telemetry) -> APIRouter:
         access.metrics_reader(request)
         return JSONResponse({**telemetry.window.summary(),
                              "engine": telemetry.engine_cost.summary(),
+                             "tenants": await tenants(),
                              "generated_at": time.time()},
                             headers={"Cache-Control": "no-store"})
 

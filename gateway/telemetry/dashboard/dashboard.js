@@ -17,7 +17,10 @@
     status: $("status"), statusText: $("status-text"), window: $("window"),
     updated: $("updated"), caption: $("caption"), rows: $("rows"), empty: $("empty"),
     panel: $("panel"), keyForm: $("key-form"), key: $("key"), keyReason: $("key-reason"),
+    tenantsPanel: $("tenants-panel"), tenantRows: $("tenant-rows"),
   };
+  const LIMITS = ["requests", "tokens", "budget"];
+  const PERIOD_WORDS = { day: "today", month: "this month" };
 
   let timer = null;
   let lastData = null;
@@ -232,6 +235,59 @@
     els.rows.replaceChildren(...trs);
     els.empty.hidden = trs.length > 0;
     els.panel.dataset.rows = String(trs.length);
+    renderTenants(data.tenants);
+  }
+
+  function count(value) {
+    return value.toLocaleString("en-US");
+  }
+
+  /** "58 of 60 left" and a bar of what is used; "no limit" where the tenant has none. */
+  function limitCell(name, limit) {
+    if (!limit) return cell(name, "no limit", "limit missing");
+    const td = cell(name, "", "limit");
+    const used = limit.limit > 0 ? Math.min(1, Math.max(0, 1 - limit.remaining / limit.limit)) : 0;
+    const label = document.createElement("span");
+    label.className = "limit-text";
+    label.textContent = count(limit.remaining) + " of " + count(limit.limit) + " left" +
+      (limit.period ? " " + (PERIOD_WORDS[limit.period] || "") : "");
+    const track = document.createElement("div");
+    track.className = "meter";
+    track.setAttribute("aria-hidden", "true");
+    const fill = document.createElement("div");
+    fill.className = "meter-fill" + (used >= 0.9 ? " high" : "");
+    fill.style.width = (used * 100).toFixed(1) + "%";
+    track.appendChild(fill);
+    td.append(label, track);
+    td.dataset.remaining = String(limit.remaining);
+    return td;
+  }
+
+  function renderTenants(tenants) {
+    if (!Array.isArray(tenants) || tenants.length === 0) {
+      els.tenantsPanel.hidden = true;
+      return;
+    }
+    const trs = tenants.map((tenant) => {
+      const tr = document.createElement("tr");
+      tr.dataset.tenant = tenant.tenant;
+      const name = document.createElement("th");
+      name.scope = "row";
+      name.className = "name";
+      name.dataset.col = "tenant";
+      name.textContent = tenant.tenant;
+      tr.append(name, cell("in_flight", tenant.in_flight + " / " + tenant.max_concurrency, "num"));
+      if (tenant.limits === null) {
+        const td = cell("limits", "counters unreachable", "limit has-errors");
+        td.colSpan = LIMITS.length;
+        tr.appendChild(td);
+      } else {
+        for (const name of LIMITS) tr.appendChild(limitCell(name, tenant.limits[name]));
+      }
+      return tr;
+    });
+    els.tenantRows.replaceChildren(...trs);
+    els.tenantsPanel.hidden = false;
   }
 
   // ---- state ------------------------------------------------------------------------
