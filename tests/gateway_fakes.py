@@ -271,10 +271,11 @@ def make_demo_adapters(base_dir: Path, out_dir: Path) -> Path:
 
 def write_config(directory: Path, base_dir: Path, adapters_dir: Path, *, extra_root: Path,
                  backends: list[str], eager: bool, metrics: str = "", engine: str = "",
-                 routing: str = "", adapters: str = "") -> Path:
+                 routing: str = "", adapters: str = "", acme: str = "", limits: str = "",
+                 ) -> Path:
     """acme may use `caps` and `plain` (2 at a time, 64 tokens); globex may use every adapter;
-    `engine` and `adapters` hold more `[engine]` and `[adapters]` keys, `routing` an optional
-    `[routing]` table."""
+    `engine`, `adapters` and `acme` hold more `[engine]`, `[adapters]` and `[tenants.acme]`
+    keys, `routing` and `limits` optional `[routing]` and `[limits]` tables."""
     path = directory / "gateway.toml"
     path.write_text(f"""
 [model]
@@ -294,11 +295,13 @@ eager = {json.dumps(eager)}
 api_keys = ["{ADMIN_KEY}"]
 {metrics}
 {routing}
+{limits}
 [tenants.acme]
 api_keys = ["{ACME_KEY}"]
 adapters = ["caps", "plain"]
 max_concurrency = 2
 max_tokens = 64
+{acme}
 [tenants.globex]
 api_keys = ["{GLOBEX_KEY}"]
 adapters = ["*"]
@@ -335,10 +338,12 @@ async def make_gateway(tmp_path: Path, base_dir: Path, demo_adapters: Path, stor
                        engine: str = "", routing: str = "", backends: list[str] | None = None,
                        resolver: Resolver = system_resolver,
                        client: httpx.AsyncClient | None = None, adapters: str = "",
-                       artifacts: ArtifactStore | None = None) -> Gateway:
+                       artifacts: ArtifactStore | None = None, acme: str = "",
+                       limits: str = "") -> Gateway:
     """A gateway over a fresh copy of the demo adapters (uploads write there), in front of
     `vllms` (one fake by default); `metrics` is an optional `[metrics]` TOML table, `engine`
-    and `adapters` more `[engine]` and `[adapters]` keys, `routing` a `[routing]` table;
+    and `adapters` more `[engine]` and `[adapters]` keys, `routing` a `[routing]` table,
+    `acme` more `[tenants.acme]` keys (its limits), `limits` a `[limits]` table;
     `backends` (the fakes' URLs by default) may hold DNS names, which `resolver` resolves;
     `client` (real vLLMs) replaces the fakes; `artifacts` (local directories by default) is
     the store."""
@@ -350,7 +355,7 @@ async def make_gateway(tmp_path: Path, base_dir: Path, demo_adapters: Path, stor
                                       backends=backends or [vllm.url for vllm in vllms],
                                       eager=eager,
                                       metrics=metrics, engine=engine, routing=routing,
-                                      adapters=adapters))
+                                      adapters=adapters, acme=acme, limits=limits))
     pool = BackendPool(config.engine.backends,
                        client or httpx.AsyncClient(transport=fake_transport(*vllms)),
                        routing=routing_policy(config), resolver=resolver)

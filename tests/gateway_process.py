@@ -28,18 +28,21 @@ PROMPT = "The ocean is"
 def write_config(path: Path, *, model: Path, adapters_dir: Path, roots: list[Path],
                  backends: list[str], max_lora_rank: int = 16,
                  registry_url: str | None = None, server: str = "", max_loras: int = 2,
-                 store_url: str = "", eager: bool = False) -> Path:
+                 store_url: str = "", eager: bool = False, limits_store: str = "") -> Path:
     """acme may use `caps` and `pirate`; globex may use every adapter, 16 requests at a time;
     no `backends` makes the gateway start (and supervise) its own vLLM. The registry is
     `registry_url`, by default a SQLite file beside the config ("": no `[registry]` table, so
     the gateway's own default under `$DORA_GATEWAY_HOME`); `server` holds `[server]` keys;
-    `store_url` is `[store] url` (none: local directories)."""
+    `store_url` is `[store] url` (none: local directories), `limits_store` `[limits] store`
+    (none: the counters in the gateway's memory)."""
     if registry_url is None:
         registry_url = f"sqlite:///{path.parent / 'registry.sqlite3'}"
     registry = f'[registry]\nurl = "{registry_url}"' if registry_url else ""
     store = f'[store]\nurl = "{store_url}"' if store_url else ""
+    limits = f'[limits]\nstore = "{limits_store}"' if limits_store else ""
     path.write_text(f"""{registry}
 {store}
+{limits}
 [model]
 path = "{model}"
 [server]

@@ -1,6 +1,7 @@
 """Two real gateway processes over one real PostgreSQL and one shared store, in front of the
 session's real vLLM: they serve the same adapters, converge after every admin change, give one
-201 and one 409 to concurrent adds of one name, and survive the faults of a shared database.
+201 and one 409 to concurrent adds of one name, survive the faults of a shared database, and
+hold a tenant to one limit (counters in one real Redis) with one account of its usage.
 
 Replica `a` reaches PostgreSQL through a TCP relay the tests cut, so `a` loses the database
 while `b` keeps it.
@@ -9,6 +10,7 @@ while `b` keeps it.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import threading
@@ -23,8 +25,10 @@ import psycopg
 import pytest
 
 from gateway.engine.process import free_port
+from gateway.registry.schema import SCHEMA_VERSION
 from tests.conftest import TEST_OUTPUT
 from tests.gateway_process import (
+    ACME_KEY,
     ADMIN_KEY,
     GATEWAY_CLI,
     GLOBEX_KEY,
@@ -41,6 +45,13 @@ DEMO = {"caps", "pirate", "brief", "caps-lora"}
 FILES = ("adapter_config.json", "adapter_model.safetensors")
 # Replicas poll every second; this is only how long a test waits before it gives up.
 CONVERGE_S = 30
+LIMITED_TPM = 120
+LOAD_CLIENTS = 4
+LOAD_S = 12
+LOAD_MODELS = ("base", "caps")
+USAGE_FIELDS = ("requests", "errors", "prompt_tokens", "completion_tokens")
+# The most a load request is charged on entry: "The ocean is" guessed at 4 tokens, 4 out.
+MAX_CHARGE = 8
 
 
 @dataclass
@@ -69,10 +80,11 @@ def postgres() -> Iterator[PostgresServer]:
 
 
 @pytest.fixture(scope="module")
-def replicas(engine, default_model, demo_adapters, postgres, tmp_path_factory
+def replicas(engine, default_model, demo_adapters, postgres, redis_server, tmp_path_factory
              ) -> Iterator[Replicas]:
     """`a` and `b`, started together on an empty database, over one shared home (the
-    compiled store and the uploads: the shared volume)."""
+    compiled store and the uploads: the shared volume), their limit counters in one Redis."""
+    redis_server.flush()
     url = postgres.create_database("replicas")
     relay = TcpRelay(postgres.port)
     relay.restore()
@@ -81,7 +93,8 @@ def replicas(engine, default_model, demo_adapters, postgres, tmp_path_factory
     env = {**os.environ, "DORA_GATEWAY_HOME": str(home)}
     configs = {name: write_config(directory / f"{name}.toml", model=default_model,
                                   adapters_dir=demo_adapters, roots=[],
-                                  backends=[engine.base_url], registry_url=registry_url)
+                                  backends=[engine.base_url], registry_url=registry_url,
+                                  limits_store=redis_server.url)
                for name, registry_url in (("a", url.replace(str(postgres.port),
                                                             str(relay.port))), ("b", url))}
     with ThreadPoolExecutor(2) as pool:
@@ -141,8 +154,132 @@ def test_both_replicas_serve_the_directory_adapters_registered_once(replicas):
         rows = connection.execute("SELECT name, added_by FROM adapters").fetchall()
         versions = connection.execute("SELECT version FROM schema_version").fetchall()
     assert sorted(rows) == sorted((name, "adapters-dir") for name in DEMO)
-    assert versions == [(1,), (2,)]
+    assert versions == [(version,) for version in range(1, SCHEMA_VERSION + 1)]
     assert text(complete(replicas.a, "pirate")) == text(complete(replicas.b, "pirate"))
+
+
+def test_a_tenant_has_one_limit_across_replicas_and_one_account_of_its_usage(replicas):
+    """A tokens-per-minute limit set through `a` holds on `b` too. Four clients then spread a
+    mixed load (base and `caps`, plain and streamed) over both replicas, waiting as each 429's
+    `retry-after-ms` says: both replicas refuse, and the tokens served stay within one
+    limit: at least the bucket's capacity less one request, at most the capacity plus the
+    refill over the load plus one request per client (charged on entry, settled after).
+    Two separate limits would serve up to twice the capacity. The usage both report equals
+    the sum of vLLM's usage fields in the answers, refusals counted as errors."""
+    a, b = replicas.a, replicas.b
+    with admin(a) as client:
+        assert client.put("/admin/tenants/acme/limits",
+                          json={"tokens_per_minute": LIMITED_TPM}).status_code == 200
+    try:
+        eventually(lambda: tenant_limits(b, "acme")["tokens_per_minute"] == LIMITED_TPM,
+                   "b enforces the limit set through a")
+        before = usage(b, "acme")
+        started = time.monotonic()
+        with ThreadPoolExecutor(LOAD_CLIENTS) as pool:
+            answers = [answer for answers in pool.map(load_client, range(LOAD_CLIENTS),
+                                                      [replicas] * LOAD_CLIENTS)
+                       for answer in answers]
+        elapsed = time.monotonic() - started
+        served = [answer for answer in answers if answer.status == 200]
+        refused = [answer for answer in answers if answer.status == 429]
+        assert len(served) + len(refused) == len(answers)
+        assert {answer.replica for answer in served} == {answer.replica for answer in refused} \
+            == {"a", "b"}
+        tokens = sum(answer.usage["total_tokens"] for answer in served)
+        refill = LIMITED_TPM / 60 * elapsed
+        assert LIMITED_TPM - MAX_CHARGE <= tokens <= LIMITED_TPM + refill + \
+            LOAD_CLIENTS * MAX_CHARGE, (tokens, elapsed)
+
+        expected = {model: expected_usage([answer for answer in answers if answer.model == model])
+                    for model in LOAD_MODELS}
+        eventually(lambda: usage_since(before, usage(b, "acme")) == expected,
+                   "both replicas' usage written")
+        assert usage_since(before, usage(a, "acme")) == expected
+    finally:
+        with admin(b) as client:
+            client.delete("/admin/tenants/acme/limits")
+
+
+@dataclass(frozen=True)
+class Answer:
+    replica: str
+    model: str
+    status: int
+    usage: dict | None
+
+
+def load_client(index: int, replicas: Replicas) -> list[Answer]:
+    """Requests for LOAD_S seconds, alternating replicas, models and streaming; after a 429,
+    the wait it asks for."""
+    answers = []
+    deadline = time.monotonic() + LOAD_S
+    while time.monotonic() < deadline:
+        turn = index + len(answers)
+        replica = ("a", "b")[turn % 2]
+        model = LOAD_MODELS[turn // 2 % 2]
+        answer = acme_completion(getattr(replicas, replica), replica, model,
+                                 stream=turn % 3 == 0)
+        answers.append(answer.result)
+        if answer.result.status == 429:
+            wait_s = int(answer.headers["retry-after-ms"]) / 1000
+            time.sleep(max(0.0, min(wait_s, deadline - time.monotonic())))
+    return answers
+
+
+@dataclass(frozen=True)
+class Sent:
+    result: Answer
+    headers: httpx.Headers
+
+
+def acme_completion(gateway: GatewayProcess, replica: str, model: str, *,
+                    stream: bool) -> Sent:
+    body = {"model": model, "prompt": PROMPT, "max_tokens": 4, "temperature": 0}
+    if stream:
+        body |= {"stream": True, "stream_options": {"include_usage": True}}
+    with gateway.client(ACME_KEY) as client:
+        response = client.post("/v1/completions", json=body)
+    found = None
+    if response.status_code == 200:
+        found = streamed_usage(response.text) if stream else response.json()["usage"]
+    return Sent(Answer(replica, model, response.status_code, found), response.headers)
+
+
+def streamed_usage(text: str) -> dict:
+    events = [json.loads(line[len("data: "):]) for line in text.splitlines()
+              if line.startswith("data: {")]
+    usages = [event["usage"] for event in events if event.get("usage")]
+    assert len(usages) == 1, text
+    return usages[0]
+
+
+def expected_usage(answers: list[Answer]) -> dict[str, int]:
+    served = [answer.usage for answer in answers if answer.usage is not None]
+    return {"requests": len(answers),
+            "errors": sum(answer.status != 200 for answer in answers),
+            "prompt_tokens": sum(usage["prompt_tokens"] for usage in served),
+            "completion_tokens": sum(usage["completion_tokens"] for usage in served)}
+
+
+def usage(gateway: GatewayProcess, tenant: str) -> dict[str, dict[str, int]]:
+    """The tenant's usage per adapter, as the admin API reports it."""
+    with admin(gateway) as client:
+        rows = client.get("/admin/usage", params={"tenant": tenant,
+                                                  "group_by": "adapter"}).json()["data"]
+    return {row["adapter"]: {key: row[key] for key in USAGE_FIELDS} for row in rows}
+
+
+def usage_since(before: dict, after: dict) -> dict[str, dict[str, int]]:
+    return {adapter: {key: counts[key] - before.get(adapter, {}).get(key, 0)
+                      for key in USAGE_FIELDS}
+            for adapter, counts in after.items()
+            if counts != before.get(adapter)}
+
+
+def tenant_limits(gateway: GatewayProcess, tenant: str) -> dict:
+    with admin(gateway) as client:
+        tenants = client.get("/admin/tenants").json()["data"]
+    return next(item for item in tenants if item["name"] == tenant)["limits"]
 
 
 def test_an_add_through_one_replica_is_served_by_the_other_and_a_removal_is_404_everywhere(

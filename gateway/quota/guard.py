@@ -19,7 +19,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from gateway.errors import LimitExceeded, LimitsUnavailable, QuotaSpent
 from gateway.quota.counters import Counters, CounterStoreUnavailable, Outcome, Reading, Rule
@@ -64,7 +64,8 @@ class Quota:
         self._limits = limits
         self._clock = clock
         self._on_refusal = on_refusal
-        self._settling: set[asyncio.Task] = set()
+        self._unsent: dict[str, Rule] = {}  # adjustments not yet sent, by counter key
+        self._sender: asyncio.Task | None = None
         self.fail_open = fail_open
         self.health = StoreHealth()
 
@@ -79,7 +80,7 @@ class Quota:
             return charge
         outcome = await self._charge(rules, now)
         if outcome is None:
-            return charge
+            return Charge(tenant, prompt_estimate, [])  # nothing charged: nothing to settle
         charge.headers = rate_headers(rules, outcome.readings)
         if not outcome.allowed:
             assert outcome.refused is not None
@@ -101,9 +102,14 @@ class Quota:
         """Each limit's limit, remaining and reset, without charging (None: store down)."""
         now = self._clock()
         limits = self._limits(tenant).rules(tenant, requests=0, tokens=0, now=now)
-        outcome = await self._charge(limits, now) if limits else None
-        if outcome is None:
-            return None if limits else {}
+        if not limits:
+            return {}
+        try:  # not a request: neither let through nor refused, whatever `fail_open` says
+            outcome = await self._counters.charge([rule for _, rule in limits], now)
+        except CounterStoreUnavailable as exc:
+            self._store_down(exc)
+            return None
+        self._store_up()
         return {name: {"limit": rule.limit, "remaining": reading.remaining,
                        "reset_seconds": round(reading.reset_s, 3)}
                 for (name, rule), reading in zip(limits, outcome.readings, strict=True)}
@@ -116,9 +122,13 @@ class Quota:
         else:
             self._store_up()
 
+    async def settled(self) -> None:
+        """Returns once every settlement so far has been sent (or failed)."""
+        while self._sender is not None:
+            await asyncio.wait({self._sender})
+
     async def aclose(self) -> None:
-        if self._settling:
-            await asyncio.wait(self._settling)
+        await self.settled()
         await self._counters.close()
 
     async def _charge(self, rules: list[tuple[LimitName, Rule]], now: float) -> Outcome | None:
@@ -138,21 +148,30 @@ class Quota:
         return outcome
 
     def _adjust(self, charge: Charge, *, requests: int, tokens: int) -> None:
-        deltas = {LimitName.REQUESTS: requests}
-        adjustments = [_with_cost(rule, deltas.get(name, tokens - _charged(charge, name)))
-                       for name, rule in charge.rules]
-        adjustments = [rule for rule in adjustments if rule.cost != 0]
-        if not adjustments:
-            return
-        task = asyncio.get_running_loop().create_task(self._send_adjust(adjustments))
-        self._settling.add(task)
-        task.add_done_callback(self._settling.discard)
+        """Add `requests` to the requests limit and move the token limits from what was
+        charged (each rule's cost) to `tokens`: summed per counter with the adjustments not
+        yet sent, so under load one call to the store carries many requests' settlements."""
+        for name, rule in charge.rules:
+            cost = requests if name is LimitName.REQUESTS else tokens - rule.cost
+            waiting = self._unsent.get(rule.key)
+            self._unsent[rule.key] = replace(rule, cost=cost + (waiting.cost if waiting else 0))
+        if self._unsent and self._sender is None:
+            self._sender = asyncio.get_running_loop().create_task(self._send_adjustments())
 
-    async def _send_adjust(self, rules: list[Rule]) -> None:
+    async def _send_adjustments(self) -> None:
+        """Send what waits, and again what came meanwhile, until nothing waits."""
         try:
-            await self._counters.adjust(rules, self._clock())
-        except CounterStoreUnavailable as exc:
-            self._store_down(exc)
+            while self._unsent:
+                batch = [rule for rule in self._unsent.values() if rule.cost != 0]
+                self._unsent = {}
+                if not batch:
+                    continue
+                try:
+                    await self._counters.adjust(batch, self._clock())
+                except CounterStoreUnavailable as exc:
+                    self._store_down(exc)
+        finally:
+            self._sender = None
 
     def _store_down(self, exc: Exception | None = None) -> None:
         if self.health.reachable:
@@ -174,14 +193,6 @@ def tokens_used(record: RequestRecord, prompt_estimate: int) -> int:
     if record.text_chunks or record.status == CLIENT_CLOSED_REQUEST:
         return prompt_estimate + record.text_chunks
     return 0
-
-
-def _charged(charge: Charge, name: LimitName) -> int:
-    return next(rule.cost for rule_name, rule in charge.rules if rule_name == name)
-
-
-def _with_cost(rule: Rule, cost: int) -> Rule:
-    return Rule(rule.key, rule.kind, rule.limit, rule.period_s, cost)
 
 
 def rate_headers(rules: list[tuple[LimitName, Rule]], readings: tuple[Reading, ...],
@@ -221,8 +232,9 @@ def refusal(name: LimitName, rule: Rule, outcome: Outcome, headers: dict[str, st
 
 def duration_text(seconds: float) -> str:
     """OpenAI's reset format: "20ms", "1s", "6m0s", "1h2m3s"."""
-    if seconds < 1:
-        return f"{max(0, math.ceil(seconds * 1000))}ms"
+    milliseconds = max(0, math.ceil(seconds * 1000))
+    if milliseconds < 1000:  # not seconds < 1: 0.9995 s is "1s", not "1000ms"
+        return f"{milliseconds}ms"
     whole = math.ceil(seconds)
     hours, rest = divmod(whole, 3600)
     minutes, secs = divmod(rest, 60)
