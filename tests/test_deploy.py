@@ -6,7 +6,8 @@ expressions use must be ones the real gateway and vLLM expose, and a real Promet
 deploy/prometheus/prometheus.yml pointed at them, must scrape both. The gateway configs the
 deployments ship must load, and the compose and Kubernetes files must refer to each other
 consistently: gateways and vLLM share no volume, only the object store, which both reach with
-the same endpoint and keys. (No Docker daemon or cluster is needed: images are not built here.)
+the same endpoint and keys, and replicated gateways count rate limits in one Redis that only
+they reach. (No Docker daemon or cluster is needed: images are not built here.)
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ COMPOSE = DEPLOY / "compose.yaml"
 DEPLOY_DOC = ROOT / "docs" / "deploy.md"
 ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+LIMITS_URL_VARIABLE = "DORA_GATEWAY_LIMITS_URL"
+REDIS_PORT = 6379
 # Kubernetes quantities as sizeLimit writes them: 16Gi, 512Mi, 1G...
 QUANTITY = re.compile(r"(\d+)(Ki|Mi|Gi|Ti|k|M|G|T)?")
 QUANTITY_UNITS = {None: 1, "Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40,
@@ -213,7 +216,7 @@ def compose_endpoint(environment: dict) -> str:
 def test_compose_wires_the_services_prometheus_scrapes():
     compose = yaml.safe_load(COMPOSE.read_text())
     services = compose["services"]
-    assert set(services) == {"vllm", "gateway", "postgres", "minio", "minio-bucket",
+    assert set(services) == {"vllm", "gateway", "postgres", "redis", "minio", "minio-bucket",
                              "prometheus", "grafana"}
     assert services["gateway"]["deploy"]["replicas"] == 2
     assert services["gateway"]["depends_on"]["postgres"]["condition"] == "service_healthy"
@@ -260,9 +263,11 @@ def test_kubernetes_manifests_are_complete_and_refer_to_each_other():
     for name, service in by_kind["Service"].items():
         assert any(service["spec"]["selector"].items() <= template["metadata"]["labels"].items()
                    for template in workloads), f"Service {name} selects no pods"
-    for template in templates:
+    for name in ("dora-gateway", "dora-vllm"):  # the others serve no /metrics
+        template = by_kind["Deployment"][name]["spec"]["template"]
         assert template["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
-        for volume in template["spec"]["volumes"]:
+    for template in templates:
+        for volume in template["spec"].get("volumes", []):
             if "persistentVolumeClaim" in volume:
                 assert volume["persistentVolumeClaim"]["claimName"] in by_kind.get(
                     "PersistentVolumeClaim", {})
@@ -298,18 +303,31 @@ def env_keys(config_text: str) -> set[str]:
             if isinstance(value, str) and value.startswith("env:")}
 
 
-def _shipped_configs() -> dict[str, tuple[str, set[str]]]:
-    """Each gateway config a deployment ships, with the env variables it gets there."""
+def _shipped_configs() -> dict[str, tuple[str, dict[str, str]]]:
+    """Each gateway config a deployment ships, with the env variables it gets there: their
+    values where the deployment writes them out, "" where they come from a Secret or the
+    shell."""
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
     gateway = next(doc for doc in yaml_documents(K8S / "gateway.yaml")
                    if doc["kind"] == "Deployment")
-    k8s_env = {env["name"] for env in gateway["spec"]["template"]["spec"]["containers"][0]["env"]}
-    docker_env = env_keys((DEPLOY / "docker" / "gateway.toml").read_text())
+    k8s_env = {env["name"]: env.get("value", "")
+               for env in gateway["spec"]["template"]["spec"]["containers"][0]["env"]}
+    compose_env = {name: "" if "${" in value else value
+                   for name, value in compose["services"]["gateway"]["environment"].items()}
+    docker_env = dict.fromkeys(env_keys((DEPLOY / "docker" / "gateway.toml").read_text()), "")
     return {
         "docker/gateway.toml": ((DEPLOY / "docker" / "gateway.toml").read_text(), docker_env),
-        "gateway.compose.toml": ((DEPLOY / "gateway.compose.toml").read_text(),
-                                 set(compose["services"]["gateway"]["environment"])),
+        "gateway.compose.toml": ((DEPLOY / "gateway.compose.toml").read_text(), compose_env),
         "k8s/configmap.yaml": (k8s_gateway_config(k8s_resources()), k8s_env),
+    }
+
+
+def _gateway_processes() -> dict[str, int]:
+    """How many gateways run each shipped config."""
+    return {
+        "docker/gateway.toml": 1,
+        "gateway.compose.toml": compose_services()["gateway"]["deploy"]["replicas"],
+        "k8s/configmap.yaml": k8s_resources()["Deployment"]["dora-gateway"]["spec"]["replicas"],
     }
 
 
@@ -319,19 +337,22 @@ def test_shipped_gateway_configs_load(name, tmp_path):
     every env: key given by the deployment."""
     text, environment = _shipped_configs()[name]
     needed = env_keys(text)
-    assert needed <= environment, f"{name} reads {sorted(needed - environment)}, not set"
+    assert needed <= set(environment), f"{name} reads {sorted(needed - set(environment))}, not set"
     (tmp_path / "data" / "adapters").mkdir(parents=True)
     (tmp_path / "opt" / "demo-adapters").mkdir(parents=True)
     text = text.replace('"/data/', f'"{tmp_path}/data/').replace(
         '"/opt/dora-gateway/', f'"{tmp_path}/opt/')
     config_file = tmp_path / "gateway.toml"
     config_file.write_text(text)
-    environ = {var: f"key-for-{var}-0123456789" for var in needed}
+    environ = {var: environment[var] or f"key-for-{var}-0123456789" for var in needed}
     if "DORA_GATEWAY_REGISTRY_URL" in environ:
         environ["DORA_GATEWAY_REGISTRY_URL"] = "postgresql://dora:secret@postgres/dora_gateway"
     config = load_config(config_file, environ=environ)
     assert config.server.host == "0.0.0.0"
     assert config.tenants
+    # The deployment's own Redis URL, as the gateway reads it ("" for counters in memory)
+    assert config.limits.store == environ.get(LIMITS_URL_VARIABLE, "")
+    assert config.limits.fail == "open"
 
 
 def test_kubernetes_gives_the_gateway_time_to_drain():
@@ -364,6 +385,104 @@ def test_replicated_gateways_keep_their_artifacts_in_object_storage():
     for name in replicated:
         url = gateway_store(configs[name][0]).get("url", "")
         assert url.startswith("s3://"), f"{name}: [store] url {url!r}, not a bucket"
+
+
+def test_replicated_gateways_count_rate_limits_in_one_store():
+    """Several gateways of one config would each give a tenant a limit of its own with
+    counters in memory: their config takes [limits] store from DORA_GATEWAY_LIMITS_URL, which
+    the deployment sets to a Redis URL. One gateway keeps its counters in memory."""
+    configs = _shipped_configs()
+    gateways = _gateway_processes()
+    assert set(gateways) == set(configs)
+    assert [name for name, count in gateways.items() if count > 1]
+    for name, (text, environment) in configs.items():
+        store = tomllib.loads(text).get("limits", {}).get("store", "")
+        if gateways[name] == 1:
+            assert not store, f"{name}: one gateway with a [limits] store {store!r}"
+            continue
+        assert store == f"env:{LIMITS_URL_VARIABLE}", f"{name}: [limits] store {store!r}"
+        url = urlsplit(environment.get(LIMITS_URL_VARIABLE, ""))
+        assert url.scheme in ("redis", "rediss") and url.hostname, (
+            f"{name}: {LIMITS_URL_VARIABLE} is {url.geturl()!r}, not a Redis URL")
+
+
+def test_compose_gateways_count_rate_limits_in_the_redis_service():
+    """Every gateway service (each mounts a gateway config) reaches `redis` at the URL it is
+    given and starts once Redis answers; Redis keeps nothing on disk and publishes no port."""
+    services = compose_services()
+    redis = services["redis"]
+    assert re.fullmatch(r"redis:\d+\.\d+-alpine", redis["image"]), f"{redis['image']}: not pinned"
+    assert "ports" not in redis, "Redis published outside the compose network"
+    assert not compose_mounts(redis), "the counters need no volume"
+    command = redis["command"]
+    assert command[0] == "redis-server"
+    assert command[command.index("--save") + 1] == "", "RDB snapshots on"
+    assert command[command.index("--appendonly") + 1] == "no", "append-only file on"
+    assert redis["healthcheck"]["test"][1:] == ["redis-cli", "ping"]
+    gateways = [name for name, service in services.items()
+                if any(target == "/etc/dora-gateway/gateway.toml"
+                       for _, target, _ in compose_mounts(service))]
+    assert gateways == ["gateway"], gateways
+    for name in gateways:
+        url = urlsplit(services[name]["environment"][LIMITS_URL_VARIABLE])
+        assert (url.scheme, url.hostname, url.path) == ("redis", "redis", "/0"), name
+        assert str(url.port) in redis["expose"], f"{name} reaches Redis on {url.port}"
+        waits_for = services[name]["depends_on"].get("redis", {}).get("condition")
+        assert waits_for == "service_healthy", f"{name} starts before Redis answers"
+
+
+def test_kubernetes_gateways_count_rate_limits_in_the_redis_service():
+    """DORA_GATEWAY_LIMITS_URL names the ClusterIP Service of one Redis pod, on its port;
+    Redis runs as non-root without persistence, and only the gateway pods are admitted."""
+    by_kind = k8s_resources()
+    url = urlsplit(k8s_env_value(by_kind, k8s_env(k8s_pod(by_kind, "dora-gateway"))[
+        LIMITS_URL_VARIABLE]))
+    assert (url.scheme, url.port, url.path) == ("redis", REDIS_PORT, "/0"), url.geturl()
+    assert url.hostname in by_kind["Service"], f"{url.geturl()}: no Service {url.hostname}"
+    service = by_kind["Service"][url.hostname]["spec"]
+    assert service.get("type", "ClusterIP") == "ClusterIP" and service.get("clusterIP") != "None"
+    ports = [port for port in service["ports"] if port["port"] == url.port]
+    assert ports, f"Service {url.hostname} has no port {url.port}"
+    [port] = ports
+    [redis] = [deployment for deployment in by_kind["Deployment"].values()
+               if service["selector"].items()
+               <= deployment["spec"]["template"]["metadata"]["labels"].items()]
+    assert redis["spec"]["replicas"] == 1
+    # Never two counting at once, during a rollout either
+    assert redis["spec"]["strategy"]["type"] == "Recreate"
+    pod = redis["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert not pod.get("volumes"), "the counters need no volume"
+    [container] = pod["containers"]
+    assert container["image"].startswith("redis:")
+    assert {entry["containerPort"] for entry in container["ports"]
+            if port["targetPort"] in (entry.get("name"), entry["containerPort"])} == {REDIS_PORT}
+    args = container["args"]
+    assert args[args.index("--save") + 1] == "" and args[args.index("--appendonly") + 1] == "no"
+    assert {"requests", "limits"} <= set(container["resources"])
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["exec"]["command"] == ["redis-cli", "ping"], probe
+    redis_labels = redis["spec"]["template"]["metadata"]["labels"]
+    gateway_labels = by_kind["Deployment"]["dora-gateway"]["spec"]["template"]["metadata"][
+        "labels"]
+    other_pods = [workload["spec"]["template"]["metadata"]["labels"]
+                  for kind in ("Deployment", "StatefulSet")
+                  for name, workload in by_kind.get(kind, {}).items() if name != "dora-gateway"]
+    policies = [policy["spec"] for policy in by_kind["NetworkPolicy"].values()
+                if policy["spec"]["podSelector"].get("matchLabels", {}).items()
+                <= redis_labels.items()]
+    assert policies, "no NetworkPolicy keeps other pods off Redis"
+    rules = [rule for spec in policies for rule in spec.get("ingress", [])]
+    assert rules, "no pod is admitted to Redis"
+    for rule in rules:  # an absent `ports` or `from` admits every port or every peer
+        assert [port.get("port") for port in rule.get("ports") or [{}]] == [REDIS_PORT], rule
+        assert rule.get("from"), f"Redis admits every pod: {rule}"
+        for peer in rule["from"]:
+            assert set(peer) == {"podSelector"}, f"Redis admits {peer}"
+            selected = peer["podSelector"]["matchLabels"].items()
+            assert selected <= gateway_labels.items(), f"Redis admits {peer}, not the gateways"
+            assert not any(selected <= labels.items() for labels in other_pods), (
+                f"Redis admits other pods too: {peer}")
 
 
 def test_kubernetes_gateway_and_vllm_pods_share_no_volume():
