@@ -201,6 +201,26 @@ def compose_mounts(service: dict) -> list[tuple[str | None, str, str]]:
     return mounts
 
 
+def redis_option(args: list[str], option: str) -> str:
+    """The value redis-server's command line gives `option` (`--option value`)."""
+    assert args[0] == "redis-server", args
+    assert args.count(option) == 1, f"{option} given {args.count(option)} times: {args}"
+    index = args.index(option)
+    assert index + 1 < len(args), f"{option} has no value: {args}"
+    return args[index + 1]
+
+
+def assert_redis_persists_budgets(args: list[str]) -> str:
+    """The counters' Redis keeps an append-only file, fsynced every second, no RDB snapshots:
+    the per-day and per-month budgets survive a restart. Its data directory (--dir)."""
+    assert redis_option(args, "--appendonly") == "yes", f"no append-only file: {args}"
+    assert redis_option(args, "--appendfsync") == "everysec", args
+    assert redis_option(args, "--save") == "", f"RDB snapshots on: {args}"
+    directory = redis_option(args, "--dir")
+    assert Path(directory).is_absolute(), f"--dir {directory!r}"
+    return directory
+
+
 def compose_variables(value: str) -> str:
     """`value` with each ${VAR...} reduced to ${VAR}: the same variables, whatever message or
     default each use gives."""
@@ -408,16 +428,20 @@ def test_replicated_gateways_count_rate_limits_in_one_store():
 
 def test_compose_gateways_count_rate_limits_in_the_redis_service():
     """Every gateway service (each mounts a gateway config) reaches `redis` at the URL it is
-    given and starts once Redis answers; Redis keeps nothing on disk and publishes no port."""
-    services = compose_services()
+    given and starts once Redis answers; Redis publishes no port and keeps its append-only
+    file (the budgets) in a named volume of its own, which survives the container."""
+    compose = yaml.safe_load(COMPOSE.read_text())
+    services = compose["services"]
     redis = services["redis"]
     assert re.fullmatch(r"redis:\d+\.\d+-alpine", redis["image"]), f"{redis['image']}: not pinned"
     assert "ports" not in redis, "Redis published outside the compose network"
-    assert not compose_mounts(redis), "the counters need no volume"
-    command = redis["command"]
-    assert command[0] == "redis-server"
-    assert command[command.index("--save") + 1] == "", "RDB snapshots on"
-    assert command[command.index("--appendonly") + 1] == "no", "append-only file on"
+    directory = assert_redis_persists_budgets(redis["command"])
+    [(source, target, mode)] = compose_mounts(redis)
+    assert target == directory and mode == "rw", (source, target, mode)
+    assert source in compose["volumes"], f"{source}: not a named volume of compose.yaml"
+    others = [name for name, service in services.items() if name != "redis"
+              and any(other == source for other, _, _ in compose_mounts(service))]
+    assert not others, f"{others} mount Redis's volume {source}"
     assert redis["healthcheck"]["test"][1:] == ["redis-cli", "ping"]
     gateways = [name for name, service in services.items()
                 if any(target == "/etc/dora-gateway/gateway.toml"
@@ -433,7 +457,8 @@ def test_compose_gateways_count_rate_limits_in_the_redis_service():
 
 def test_kubernetes_gateways_count_rate_limits_in_the_redis_service():
     """DORA_GATEWAY_LIMITS_URL names the ClusterIP Service of one Redis pod, on its port;
-    Redis runs as non-root without persistence, and only the gateway pods are admitted."""
+    Redis runs as non-root with an append-only file on a ReadWriteOnce claim of its own (the
+    budgets survive a restart), and only the gateway pods are admitted."""
     by_kind = k8s_resources()
     url = urlsplit(k8s_env_value(by_kind, k8s_env(k8s_pod(by_kind, "dora-gateway"))[
         LIMITS_URL_VARIABLE]))
@@ -451,14 +476,28 @@ def test_kubernetes_gateways_count_rate_limits_in_the_redis_service():
     # Never two counting at once, during a rollout either
     assert redis["spec"]["strategy"]["type"] == "Recreate"
     pod = redis["spec"]["template"]["spec"]
-    assert pod["securityContext"]["runAsNonRoot"] is True
-    assert not pod.get("volumes"), "the counters need no volume"
+    security = pod["securityContext"]
+    assert security["runAsNonRoot"] is True
+    # The claim's files get the group Redis runs as, so it can write its append-only file
+    assert security.get("fsGroup") is not None, "the claim may not be writable by Redis"
+    assert security["fsGroup"] == security.get("runAsGroup", security["fsGroup"])
     [container] = pod["containers"]
     assert container["image"].startswith("redis:")
     assert {entry["containerPort"] for entry in container["ports"]
             if port["targetPort"] in (entry.get("name"), entry["containerPort"])} == {REDIS_PORT}
-    args = container["args"]
-    assert args[args.index("--save") + 1] == "" and args[args.index("--appendonly") + 1] == "no"
+    directory = assert_redis_persists_budgets(container["args"])
+    volume = k8s_volume_holding(pod, directory)
+    assert set(volume) == {"name", "persistentVolumeClaim"}, (
+        f"Redis's {directory} is on {volume}: lost with the pod")
+    claim_name = volume["persistentVolumeClaim"]["claimName"]
+    claim = by_kind.get("PersistentVolumeClaim", {}).get(claim_name)
+    assert claim, f"no PersistentVolumeClaim {claim_name}"
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"], claim["spec"]["accessModes"]
+    assert quantity_bytes(claim["spec"]["resources"]["requests"]["storage"]) > 0
+    mounting = [name for name, deployment in by_kind["Deployment"].items()
+                if any(entry.get("persistentVolumeClaim", {}).get("claimName") == claim_name
+                       for entry in deployment["spec"]["template"]["spec"].get("volumes", []))]
+    assert mounting == [redis["metadata"]["name"]], f"{mounting} mount {claim_name}"
     assert {"requests", "limits"} <= set(container["resources"])
     for probe in ("readinessProbe", "livenessProbe"):
         assert container[probe]["exec"]["command"] == ["redis-cli", "ping"], probe
@@ -492,6 +531,12 @@ def test_kubernetes_gateway_and_vllm_pods_share_no_volume():
                 for claim in statefulset["spec"].get("volumeClaimTemplates", []))]
     for claim in claims:
         assert "ReadWriteMany" not in claim["spec"]["accessModes"], claim["metadata"]["name"]
+    # A Deployment's claim (Redis's) is held by one pod at a time: one replica, recreated
+    for name, deployment in by_kind["Deployment"].items():
+        if any("persistentVolumeClaim" in volume
+               for volume in deployment["spec"]["template"]["spec"].get("volumes", [])):
+            assert deployment["spec"].get("replicas", 1) == 1, name
+            assert deployment["spec"].get("strategy", {}).get("type") == "Recreate", name
     for name in ("dora-gateway", "dora-vllm"):
         for volume in k8s_pod(by_kind, name)["volumes"]:
             kinds = set(volume) - {"name"}
