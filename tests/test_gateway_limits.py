@@ -85,6 +85,20 @@ async def test_tokens_per_minute_counts_the_estimate_and_streams_carry_the_heade
     assert "lower max_tokens" in too_big.json()["error"]["message"]
 
 
+async def test_an_error_after_the_charge_carries_the_headers_and_gives_the_tokens_back(
+        tmp_path, llama_base, demo, vllm):
+    gateway = await make(tmp_path, llama_base, demo, vllm, acme="tokens_per_minute = 1000")
+    vllm.down = True
+    async with gateway.client(ACME_KEY) as client:
+        failed = await chat(client)
+    assert failed.status_code == 503 and failed.json()["error"]["code"] == "backend_unavailable"
+    assert failed.headers["x-ratelimit-limit-tokens"] == "1000"
+    assert int(failed.headers["x-ratelimit-remaining-tokens"]) < 1000
+    await gateway.app.state.accounting.quota.settled()
+    standing = await gateway.app.state.accounting.quota.standing("acme")
+    assert standing["tokens"]["remaining"] == 1000
+
+
 async def test_a_spent_budget_is_insufficient_quota_until_the_next_period(
         tmp_path, llama_base, demo, vllm):
     gateway = await make(tmp_path, llama_base, demo, vllm,

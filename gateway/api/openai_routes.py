@@ -26,7 +26,7 @@ from gateway.api.openai_request import (
     resolve_model,
     upstream_body,
 )
-from gateway.errors import ModelNotFound
+from gateway.errors import GatewayError, ModelNotFound
 from gateway.names import BASE_MODEL
 from gateway.quota.guard import Quota
 from gateway.registry import AdapterRegistry
@@ -73,7 +73,11 @@ def openai_router(access: Access, quota: Quota, registry: AdapterRegistry, pool:
                         prepare=None if entry is None else functools.partial(
                             registry.ensure_loaded, entry),
                         hide_usage=hides_usage(body, route))
-        response = await forward(request, target, pool, lease, upstream_wait)
+        try:
+            response = await forward(request, target, pool, lease, upstream_wait)
+        except GatewayError as exc:
+            exc.headers = {**charge.headers, **exc.headers}
+            raise
         response.headers.update(charge.headers)
         return response
 
