@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 
 import anyio
 import pytest
@@ -176,11 +176,16 @@ async def test_rules_are_checked(counters: Counters) -> None:
         bucket(1, limit=0)
 
 
+def random_rules(now: float) -> list[Rule]:
+    """The five rules of `random_call`, each with cost 0."""
+    return [bucket(0, "rpm:a", 10, 60.0), bucket(0, "tpm:a", 1000, 60.0),
+            bucket(0, "rpm:b", 7, 3.5), budget(0, "budget:a", DAY_END - now),
+            budget(0, "budget:b", DAY_END - now)]
+
+
 def random_call(rng: random.Random, now: float) -> tuple[str, list[Rule]]:
     """A charge or an adjust of 1 to 3 of five rules, with costs around their limits."""
-    rules = [bucket(0, "rpm:a", 10, 60.0), bucket(0, "tpm:a", 1000, 60.0),
-             bucket(0, "rpm:b", 7, 3.5), budget(0, "budget:a", DAY_END - now),
-             budget(0, "budget:b", DAY_END - now)]
+    rules = random_rules(now)
     kind = rng.choice(["charge", "charge", "adjust"])
     low = 0 if kind == "charge" else -1
     chosen = rng.sample(rules, rng.randint(1, 3))
@@ -255,3 +260,88 @@ async def test_redis_keys_expire_once_they_no_longer_matter(redis_server: RedisS
     assert 0 < ttls[0] <= 16  # twice the period
     assert 16 < ttls[1] <= 22  # the debt's refill, rounded up, plus one
     assert 7000 < ttls[2] <= 7200  # the period and an hour
+
+
+async def evalsha_calls(redis_server: RedisServer) -> int:
+    """How many EVALSHA the server has run so far (every client's)."""
+    client = Redis.from_url(redis_server.url)
+    stats = await client.info("commandstats")
+    await client.aclose()
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+async def test_concurrent_charges_through_one_client_go_in_few_script_calls(
+        stores: Stores, redis_server: RedisServer) -> None:
+    counters = stores.open("redis")
+    rule = bucket(1, limit=50, period_s=60.0)
+    before = await evalsha_calls(redis_server)
+    outcomes = await asyncio.gather(*(counters.charge([rule], NOW) for _ in range(200)))
+    calls = await evalsha_calls(redis_server) - before
+    assert [outcome.allowed for outcome in outcomes] == [True] * 50 + [False] * 150
+    assert [outcome.readings[0].remaining for outcome in outcomes[:50]] == list(range(49, -1, -1))
+    assert 1 <= calls <= 10  # one alone, then batches of up to 64 (and a reload if evicted)
+
+
+async def test_concurrent_calls_through_one_client_apply_in_arrival_order(
+        stores: Stores) -> None:
+    memory, redis = stores.open("memory"), stores.open("redis")
+    rng = random.Random(20261204)
+    now = NOW
+    calls = []
+    for _ in range(300):
+        now += rng.choice([0.0, 0.0, 0.1, 0.5, 2.0])
+        calls.append((now, *random_call(rng, now)))
+
+    def send(counters: Counters, now: float, kind: str, rules: list[Rule]
+             ) -> Awaitable[Outcome | None]:
+        return counters.charge(rules, now) if kind == "charge" else counters.adjust(rules, now)
+
+    batched = await asyncio.gather(*(send(redis, *call) for call in calls))
+    sequential = [await send(memory, *call) for call in calls]
+    assert batched == sequential
+    assert sum(outcome is not None and not outcome.allowed for outcome in batched) > 10
+    assert await redis.charge(random_rules(now), now) == await memory.charge(
+        random_rules(now), now)
+
+
+async def test_every_caller_of_a_failed_batch_is_told_and_later_calls_work() -> None:
+    server = RedisServer()  # not started yet: nothing listens on its port
+    counters = RedisCounters(server.url, timeout_s=5)
+    try:
+        with anyio.fail_after(20):
+            failed = await asyncio.gather(*(counters.charge([bucket(1)], NOW)
+                                            for _ in range(20)), return_exceptions=True)
+            assert all(isinstance(error, CounterStoreUnavailable) for error in failed)
+            with pytest.raises(CounterStoreUnavailable):
+                await counters.adjust([bucket(-1)], NOW)
+            server.start()
+            outcomes = await asyncio.gather(*(counters.charge([bucket(1)], NOW)
+                                              for _ in range(6)))
+            assert [outcome.allowed for outcome in outcomes] == [True] * 4 + [False] * 2
+    finally:
+        await counters.close()
+        server.remove()
+
+
+async def test_a_cancelled_caller_leaves_the_others_served(stores: Stores) -> None:
+    counters = stores.open("redis")
+    rule = bucket(1, limit=100, period_s=60.0)
+    tasks = [asyncio.create_task(counters.charge([rule], NOW)) for _ in range(40)]
+    cancelled = set()
+    for index in range(0, 40, 4):  # at different moments: still waiting, or sent already
+        await asyncio.sleep(0)
+        if tasks[index].cancel():
+            cancelled.add(index)
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert cancelled
+    for index, result in enumerate(results):
+        if index in cancelled:
+            assert isinstance(result, asyncio.CancelledError)
+        else:
+            assert isinstance(result, Outcome) and result.allowed
+    served = 40 - len(cancelled)
+    more = await asyncio.gather(*(counters.charge([rule], NOW) for _ in range(10)))
+    assert all(outcome.allowed for outcome in more)
+    remaining = (await counters.charge([bucket(0, "rpm:acme", 100, 60.0)], NOW)).readings[0]
+    # a cancelled caller's charge may or may not have been applied, as a lost reply's
+    assert 100 - served - 10 - len(cancelled) <= remaining.remaining <= 100 - served - 10
