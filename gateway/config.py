@@ -22,7 +22,7 @@ from adapters import paths
 from adapters.errors import ProblemsError, SourceError
 from adapters.object_store import S3Url
 from gateway.names import NAME_PATTERN, valid_name
-from gateway.quota.policy import BudgetPeriod, TenantLimits
+from gateway.quota.policy import MAX_LIMIT, BudgetPeriod, TenantLimits
 from gateway.tenancy.keys import parse_key, parse_secret
 from gateway.tenancy.tenants import ALL_ADAPTERS, Tenant
 from gateway.upstream.discovery import is_dns_backend
@@ -378,8 +378,9 @@ class _Reader:
             if key not in table:
                 return None
             value = self.value(table, where, key, int, None)
-            if value is not None and value < 1:
-                self.problems.append(f"{where}.{key}: must be at least 1, got {value}")
+            if value is not None and not 1 <= value <= MAX_LIMIT:
+                self.problems.append(f"{where}.{key}: must be between 1 and {MAX_LIMIT}, "
+                                     f"got {value}")
                 return None
             return value
 

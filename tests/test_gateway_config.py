@@ -318,9 +318,10 @@ def test_every_bad_limit_is_reported_at_once(tmp_path):
     found = problems(tmp_path, MINIMAL + 'requests_per_minute = 0\ntokens_per_minute = "many"\n'
                      'token_budget = -5\nbudget_period = "week"\n'
                      '[limits]\nstore = "memcached://x"\nfail = "maybe"\n')
-    assert "tenants.acme.requests_per_minute: must be at least 1, got 0" in found
+    assert "tenants.acme.requests_per_minute: must be between 1 and 9007199254740992, got 0" \
+        in found
     assert "tenants.acme.tokens_per_minute: must be an integer, got a string" in found
-    assert "tenants.acme.token_budget: must be at least 1, got -5" in found
+    assert "tenants.acme.token_budget: must be between 1 and 9007199254740992, got -5" in found
     assert "tenants.acme.budget_period: 'week' is not one of ['day', 'month']" in found
     assert "limits.store: must be a redis:// or rediss:// URL" in found
     assert "limits.fail: 'maybe' is not one of ['open', 'closed']" in found

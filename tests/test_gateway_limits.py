@@ -191,6 +191,7 @@ async def test_usage_equals_vllms_usage_fields_as_json_and_csv(tmp_path, llama_b
         by_hour = (await admin.get("/admin/usage", params={"group_by": "hour"})).json()
         table = (await admin.get("/admin/usage", params={"format": "csv"})).text
         bad = await admin.get("/admin/usage", params={"group_by": "model"})
+        far = await admin.get("/admin/usage", params={"to": "9" * 30})
     assert {(row["tenant"], row["adapter"]): (row["requests"], row["errors"],
                                               row["prompt_tokens"], row["completion_tokens"])
             for row in rows} == {
@@ -202,6 +203,7 @@ async def test_usage_equals_vllms_usage_fields_as_json_and_csv(tmp_path, llama_b
     assert [dict(line) for line in csv.DictReader(io.StringIO(table))] == [
         {key: str(value) for key, value in row.items()} for row in rows]
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_query"
+    assert far.status_code == 400 and "between 1970 and 9999" in far.json()["error"]["message"]
 
 
 async def test_a_request_that_fails_over_to_another_replica_is_counted_once(

@@ -12,11 +12,11 @@ import asyncio
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -24,13 +24,16 @@ from gateway.api.json_body import json_body
 from gateway.errors import InvalidRequest, NotFound
 from gateway.quota.book import LimitsBook
 from gateway.quota.guard import Quota
-from gateway.quota.policy import BudgetPeriod, TenantLimits, period_bounds
+from gateway.quota.policy import MAX_LIMIT, BudgetPeriod, TenantLimits, period_bounds
 from gateway.tenancy.access import Access
 from gateway.tenancy.tenants import Tenant
 from gateway.usage.ledger import HOUR_S, UsageLedger, group_fields
 from gateway.usage.report import hour_iso, parse_time, usage_csv
 
 DEFAULT_GROUP_BY = ("tenant", "adapter")
+Limit = Annotated[int, Field(ge=1, le=MAX_LIMIT)]
+# Times the usage query takes: from 1970 to the end of year 9999, as Unix seconds.
+LATEST_TIME = 253402300799
 
 
 class LimitsBody(BaseModel):
@@ -38,9 +41,9 @@ class LimitsBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    requests_per_minute: PositiveInt | None = None
-    tokens_per_minute: PositiveInt | None = None
-    token_budget: PositiveInt | None = None
+    requests_per_minute: Limit | None = None
+    tokens_per_minute: Limit | None = None
+    token_budget: Limit | None = None
     budget_period: Literal["day", "month"] = "day"
 
     def limits(self) -> TenantLimits:
@@ -145,4 +148,7 @@ class UsageQuery:
             group_by = group_fields(group_by)
         except ValueError as exc:
             raise InvalidRequest(str(exc), code="invalid_query") from exc
+        if not (0 <= start <= LATEST_TIME and 0 <= end <= LATEST_TIME):
+            raise InvalidRequest("'from' and 'to' must be between 1970 and 9999",
+                                 code="invalid_query")
         return cls(params.get("tenant") or None, start, end, group_by, form == "csv")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from gateway.errors import ERROR_TYPES
 from gateway.names import BASE_MODEL, NAME_PATTERN
+from gateway.quota.policy import MAX_LIMIT, BudgetPeriod
 from gateway.registry.entries import Origin
 
 JSON = "application/json"
@@ -44,6 +45,15 @@ def openapi_schema() -> dict:
                 201, _ref("Adapter"), errors=(400, 401, 409, 413, 503),
                 parameters=[_path_parameter("name")],
                 body=_ref("AdapterUpload"), body_type="multipart/form-data")},
+            "/admin/tenants": {"get": _operation(200, _list("Tenant"), errors=(401,))},
+            "/admin/tenants/{name}/limits": {
+                "put": _operation(200, _ref("Tenant"), body=_ref("Limits"),
+                                  errors=(400, 401, 404, 413, 503),
+                                  parameters=[_path_parameter("name")]),
+                "delete": _operation(204, None, errors=(401, 404, 503),
+                                     parameters=[_path_parameter("name")]),
+            },
+            "/admin/usage": {"get": _usage()},
         },
     }
 
@@ -75,6 +85,15 @@ def _operation(status: int, answer: dict | None, *, errors: tuple[int, ...],
         operation["requestBody"] = {"required": True, "content": {body_type: {"schema": body}}}
     if parameters:
         operation["parameters"] = parameters
+    return operation
+
+
+def _usage() -> dict:
+    """`/admin/usage`: JSON, or CSV with `format=csv`."""
+    operation = _operation(200, _ref("Usage"), errors=(400, 401, 503), parameters=[
+        {"name": name, "in": "query", "required": False, "schema": {"type": "string"}}
+        for name in ("tenant", "from", "to", "group_by", "format")])
+    operation["responses"]["200"]["content"]["text/csv"] = {"schema": {"type": "string"}}
     return operation
 
 
@@ -155,6 +174,19 @@ def _schemas() -> dict:
                        "additionalProperties": False,
                        "properties": {"name": {"type": "string", "pattern": f"^{NAME_PATTERN}$"},
                                       "path": {"type": "string"}}},
+        "Limits": {"type": "object", "additionalProperties": False, "properties": {
+            **{name: {"anyOf": [{"type": "integer", "minimum": 1, "maximum": MAX_LIMIT},
+                                {"type": "null"}]}
+               for name in ("requests_per_minute", "tokens_per_minute", "token_budget")},
+            "budget_period": {"enum": [str(period) for period in BudgetPeriod]}}},
+        "Tenant": {"type": "object", "required": ["name", "limits", "standing"],
+                   "properties": {"name": {"type": "string"},
+                                  "in_flight": {"type": "integer"},
+                                  "limits": {"type": "object"},
+                                  "standing": {"type": ["object", "null"]}}},
+        "Usage": {"type": "object", "required": ["object", "data"],
+                  "properties": {"object": {"const": "list"},
+                                 "data": {"type": "array", "items": {"type": "object"}}}},
         "AdapterUpload": {"type": "object", "additionalProperties": False,
                           "required": ["adapter_config.json", "adapter_model.safetensors"],
                           "properties": {

@@ -17,6 +17,8 @@ from gateway.quota.counters import Rule, RuleKind
 
 MINUTE_S = 60.0
 DAY_S = 86400
+# The largest limit: Redis's Lua counts in doubles, exact up to 2**53.
+MAX_LIMIT = 2**53
 
 
 class BudgetPeriod(StrEnum):
